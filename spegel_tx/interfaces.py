@@ -1,0 +1,108 @@
+"""The seams of spegel-tx: what the registry needs from a store, a router and a bootstrapper.
+
+Every implementation is checked by the conformance suite under tests/conformance/,
+so the registry can be tested on memory implementations and run on real ones.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IBlob(Interface):
+    """One open piece of content; ``close`` releases whatever holds it open."""
+
+    size = Attribute("The content's length in bytes.")
+
+    def fileno() -> int | None:
+        """A readable OS file descriptor for the whole content, or None.
+
+        Lets the registry hand the file to the kernel (sendfile) instead of
+        copying it through Python; None when the content is not on local disk.
+        """
+
+    def read(offset: int, length: int) -> object:
+        """Deferred firing with 1 to ``length`` bytes starting at ``offset``.
+
+        Fires with ``b""`` only when ``offset`` is at or past the end. Reads
+        are expected to be sequential; an implementation may restart its
+        stream when they are not.
+        """
+
+    def close() -> None:
+        """Release the content; safe to call twice."""
+
+
+class IContentStore(Interface):
+    """What the node's container runtime holds, seen as an OCI registry would.
+
+    Every method returns a Deferred and never blocks the reactor. Lookups of
+    absent things fail with ``spegel_tx.errors.NotFound``; an unreachable
+    backend fails with ``spegel_tx.errors.Unavailable``.
+    """
+
+    def ready() -> bool:
+        """True while the backend answers."""
+
+    def images() -> object:
+        """Deferred list of every ``content.Image`` the store holds."""
+
+    def resolve(name: str) -> object:
+        """Deferred digest of the image named ``registry/repository:tag``."""
+
+    def descriptor(digest: str) -> object:
+        """Deferred ``content.Descriptor`` of content present in the store.
+
+        Manifests and indexes carry their real media type, told from the
+        content itself when the backend does not record it; everything else
+        is ``application/octet-stream``.
+        """
+
+    def open(digest: str) -> object:
+        """Deferred ``IBlob`` for content present in the store."""
+
+    def digests(image: object) -> object:
+        """Deferred list of every digest reachable from a ``content.Image``
+        (index, manifests, configs, layers) that is present in the store."""
+
+    def subscribe(handler: object) -> object:
+        """Call ``handler(content.ImageEvent)`` in the reactor thread for each
+        image change; returns a no-argument callable that unsubscribes."""
+
+
+class IRouter(Interface):
+    """Finds which peers hold a key, and tells peers which keys we hold.
+
+    Keys are ``sha256:<hex>`` for content and ``registry/repo:tag`` for tags.
+    """
+
+    def ready() -> bool:
+        """True once at least one peer is known."""
+
+    def lookup(key: str, count: int) -> object:
+        """An ``ILookup`` that yields up to ``count`` providers of ``key``,
+        excluding this node, as they are found."""
+
+    def advertise(keys: object) -> object:
+        """Deferred that fires once ``keys`` (an iterable of str) are announced."""
+
+    def withdraw(keys: object) -> object:
+        """Deferred that fires once peers are told we no longer hold ``keys``."""
+
+
+class ILookup(Interface):
+    """A running search for the providers of one key."""
+
+    def next_provider() -> object:
+        """Deferred firing with the next ``(host, registry_port)`` found, or
+        None once the search is exhausted."""
+
+    def cancel() -> None:
+        """Stop searching; pending ``next_provider`` calls fire with None."""
+
+
+class IBootstrapper(Interface):
+    """Where a node finds its first peers."""
+
+    def peers() -> object:
+        """Deferred list of ``(host, port)`` router addresses to contact."""

@@ -1,0 +1,29 @@
+"""The OCI distribution error body: ``{"errors": [{"code", "message", "detail"}]}``."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+
+
+class ErrorCode(Enum):
+    """Codes from the distribution spec; the value is the HTTP status sent with it."""
+
+    BLOB_UNKNOWN = ("BLOB_UNKNOWN", 404)
+    MANIFEST_UNKNOWN = ("MANIFEST_UNKNOWN", 404)
+    NAME_UNKNOWN = ("NAME_UNKNOWN", 404)
+    NAME_INVALID = ("NAME_INVALID", 400)
+    DIGEST_INVALID = ("DIGEST_INVALID", 400)
+    UNSUPPORTED = ("UNSUPPORTED", 405)
+    RANGE_NOT_SATISFIABLE = ("RANGE_NOT_SATISFIABLE", 416)
+    UNKNOWN = ("UNKNOWN", 500)
+
+    @property
+    def status(self) -> int:
+        return self.value[1]
+
+
+def error_body(code: ErrorCode, message: str) -> bytes:
+    return json.dumps(
+        {"errors": [{"code": code.value[0], "message": message, "detail": None}]}
+    ).encode()

@@ -1,0 +1,118 @@
+import re
+
+import pytest
+
+from spegel_tx.config import Address, Config, load_config, parse_address, parse_duration
+from spegel_tx.errors import ConfigError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "node.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_are_spegels():
+    config = load_config(None, environ={})
+    assert config == Config()
+    assert config.registry_addr == Address("", 5000)
+    assert config.router_addr == Address("", 5001)
+    assert config.mirror_resolve_timeout == pytest.approx(0.020)
+    assert config.containerd_namespace == "k8s.io"
+
+
+def test_file_then_environment_then_flags(tmp_path):
+    path = write(
+        tmp_path,
+        "registry-addr: 127.0.0.2:5000\nmirror-resolve-retries: 5\nlog-level: debug\n",
+    )
+    config = load_config(path, environ={"REGISTRY_ADDR": "127.0.0.3:5000"})
+    assert config.registry_addr == Address("127.0.0.3", 5000)
+    assert config.mirror_resolve_retries == 5
+    assert config.log_level == "DEBUG"
+    config = load_config(
+        path,
+        environ={"REGISTRY_ADDR": "127.0.0.3:5000"},
+        flags={"registry-addr": "127.0.0.4:5001", "log-level": None},
+    )
+    assert config.registry_addr == Address("127.0.0.4", 5001)
+    assert config.log_level == "DEBUG"
+
+
+def test_lists_from_yaml_and_from_comma_separated_text(tmp_path):
+    path = write(
+        tmp_path,
+        "mirrored-registries: [https://docker.io, ghcr.io]\n"
+        "registry-filters: [':latest$']\n"
+        "static-bootstrap-peers: ['127.0.0.2:5001', '[::1]:5001']\n",
+    )
+    config = load_config(path, environ={})
+    assert config.mirrored_registries == ("docker.io", "ghcr.io")
+    assert [p.pattern for p in config.registry_filters] == [":latest$"]
+    assert config.static_bootstrap_peers == (Address("127.0.0.2", 5001), Address("::1", 5001))
+    env = {"MIRRORED_REGISTRIES": "https://quay.io, registry.k8s.io"}
+    assert load_config(path, environ=env).mirrored_registries == ("quay.io", "registry.k8s.io")
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ("registry-adr: :5000\n", "registry-adr", "unknown key"),
+        ("registry-addr: localhost\n", "registry-addr", "no port"),
+        ("registry-addr: ':99999'\n", "registry-addr", "port"),
+        ("mirror-resolve-timeout: 20\n", "mirror-resolve-timeout", "duration"),
+        ("mirror-resolve-timeout: 20 parsecs\n", "mirror-resolve-timeout", "duration"),
+        ("mirror-resolve-retries: three\n", "mirror-resolve-retries", "whole number"),
+        ("debug-web-enabled: maybe\n", "debug-web-enabled", "true or false"),
+        ("registry-filters: ['(']\n", "registry-filters", "regular expression"),
+        ("log-level: loud\n", "log-level", "DEBUG, INFO, WARN, ERROR"),
+        ("bootstrap-kind: carrier-pigeon\n", "bootstrap-kind", "static, dns"),
+        ("containerd-sock: [a, b]\n", "containerd-sock", "not a string"),
+        ("- just\n- a list\n", "config", "mapping"),
+        ("registry-addr: [\n", "config", "not valid YAML"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, text, key, problem):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), environ={})
+    assert caught.value.key == key
+    assert problem in caught.value.problem
+    assert str(caught.value).startswith(f"{key}: ")
+
+
+def test_bad_environment_value_names_the_key():
+    with pytest.raises(ConfigError, match=r"^mirror-resolve-timeout: "):
+        load_config(None, environ={"MIRROR_RESOLVE_TIMEOUT": "soon"})
+
+
+def test_unreadable_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(str(tmp_path / "missing.yaml"), environ={})
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("20ms", 0.02), ("1m30s", 90.0), ("1.5h", 5400.0), ("0", 0.0), ("250us", 0.00025)],
+)
+def test_go_durations(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "ms", "20", "1d", "-5s", "1m 30s"])
+def test_bad_durations(text):
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [(":5000", Address("", 5000)), ("[::1]:80", Address("::1", 80)), ("a.b:1", Address("a.b", 1))],
+)
+def test_addresses(text, address):
+    assert parse_address(text) == address
+    assert re.fullmatch(r".*:\d+", str(address))
+
+
+def test_ipv6_without_brackets_is_refused():
+    with pytest.raises(ValueError, match="brackets"):
+        parse_address("::1:5000")

@@ -1,0 +1,51 @@
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spegel_tx.oci.ranges import ByteRange, RangeNotSatisfiable, parse_range
+
+
+@pytest.mark.parametrize(
+    ("header", "size", "expected"),
+    [
+        ("bytes=0-9", 100, ByteRange(0, 9)),
+        ("bytes=90-", 100, ByteRange(90, 99)),
+        ("bytes=90-500", 100, ByteRange(90, 99)),
+        ("bytes=-10", 100, ByteRange(90, 99)),
+        ("bytes=-500", 100, ByteRange(0, 99)),
+        ("bytes=14680064-", 20000000, ByteRange(14680064, 19999999)),
+    ],
+)
+def test_single_ranges(header, size, expected):
+    assert parse_range(header, size) == expected
+
+
+@pytest.mark.parametrize(
+    "header", [None, "bytes=5-1", "items=0-1", "bytes=0-1,5-6", "bytes=-", "junk"]
+)
+def test_ranges_that_are_ignored(header):
+    assert parse_range(header, 100) is None
+
+
+@pytest.mark.parametrize(
+    ("header", "size"), [("bytes=100-", 100), ("bytes=-0", 100), ("bytes=0-", 0)]
+)
+def test_unsatisfiable(header, size):
+    with pytest.raises(RangeNotSatisfiable):
+        parse_range(header, size)
+
+
+def test_content_range_text():
+    assert ByteRange(10, 19).content_range(100) == "bytes 10-19/100"
+    assert ByteRange(10, 19).length == 10
+
+
+@given(size=st.integers(1, 10**12), first=st.integers(0, 10**12), span=st.integers(0, 10**12))
+def test_any_satisfiable_range_lies_inside_the_content(size, first, span):
+    try:
+        r = parse_range(f"bytes={first}-{first + span}", size)
+    except RangeNotSatisfiable:
+        assert first >= size
+        return
+    assert r is not None
+    assert 0 <= r.first <= r.last < size
