@@ -6,7 +6,12 @@ so the registry can be tested on memory implementations and run on real ones.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
+from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
+
+from spegel_tx.content import Descriptor, Image, ImageEvent
 
 
 class IBlob(Interface):
@@ -21,7 +26,7 @@ class IBlob(Interface):
         copying it through Python; None when the content is not on local disk.
         """
 
-    def read(offset: int, length: int) -> object:
+    def read(offset: int, length: int) -> Deferred[bytes]:
         """Deferred firing with 1 to ``length`` bytes starting at ``offset``.
 
         Fires with ``b""`` only when ``offset`` is at or past the end. Reads
@@ -44,13 +49,13 @@ class IContentStore(Interface):
     def ready() -> bool:
         """True while the backend answers."""
 
-    def images() -> object:
+    def images() -> Deferred[list[Image]]:
         """Deferred list of every ``content.Image`` the store holds."""
 
-    def resolve(name: str) -> object:
+    def resolve(name: str) -> Deferred[str]:
         """Deferred digest of the image named ``registry/repository:tag``."""
 
-    def descriptor(digest: str) -> object:
+    def descriptor(digest: str) -> Deferred[Descriptor]:
         """Deferred ``content.Descriptor`` of content present in the store.
 
         Manifests and indexes carry their real media type, told from the
@@ -58,14 +63,14 @@ class IContentStore(Interface):
         is ``application/octet-stream``.
         """
 
-    def open(digest: str) -> object:
+    def open(digest: str) -> Deferred[IBlob]:
         """Deferred ``IBlob`` for content present in the store."""
 
-    def digests(image: object) -> object:
+    def digests(image: Image) -> Deferred[list[str]]:
         """Deferred list of every digest reachable from a ``content.Image``
         (index, manifests, configs, layers) that is present in the store."""
 
-    def subscribe(handler: object) -> object:
+    def subscribe(handler: Callable[[ImageEvent], None]) -> Callable[[], None]:
         """Call ``handler(content.ImageEvent)`` in the reactor thread for each
         image change; returns a no-argument callable that unsubscribes."""
 
@@ -79,21 +84,21 @@ class IRouter(Interface):
     def ready() -> bool:
         """True once at least one peer is known."""
 
-    def lookup(key: str, count: int) -> object:
+    def lookup(key: str, count: int) -> ILookup:
         """An ``ILookup`` that yields up to ``count`` providers of ``key``,
         excluding this node, as they are found."""
 
-    def advertise(keys: object) -> object:
-        """Deferred that fires once ``keys`` (an iterable of str) are announced."""
+    def advertise(keys: Iterable[str]) -> Deferred[None]:
+        """Fires once ``keys`` are announced."""
 
-    def withdraw(keys: object) -> object:
+    def withdraw(keys: Iterable[str]) -> Deferred[None]:
         """Deferred that fires once peers are told we no longer hold ``keys``."""
 
 
 class ILookup(Interface):
     """A running search for the providers of one key."""
 
-    def next_provider() -> object:
+    def next_provider() -> Deferred[tuple[str, int] | None]:
         """Deferred firing with the next ``(host, registry_port)`` found, or
         None once the search is exhausted."""
 
@@ -104,5 +109,5 @@ class ILookup(Interface):
 class IBootstrapper(Interface):
     """Where a node finds its first peers."""
 
-    def peers() -> object:
+    def peers() -> Deferred[list[tuple[str, int]]]:
         """Deferred list of ``(host, port)`` router addresses to contact."""

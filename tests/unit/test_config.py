@@ -116,3 +116,7 @@ def test_addresses(text, address):
 def test_ipv6_without_brackets_is_refused():
     with pytest.raises(ValueError, match="brackets"):
         parse_address("::1:5000")
+
+
+def test_shipped_example_documents_the_defaults():
+    assert load_config("deploy/examples/node.yaml", environ={}) == Config()

@@ -1,0 +1,245 @@
+"""The pull-only OCI distribution API over the node's content store.
+
+containerd only falls back to the real registry on a 404 (or a refused
+connection), so "not here" is always a fast 404 with the OCI error JSON,
+whatever the reason.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from klein import Klein
+from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import ITCPTransport
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.server import Request
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.exceptions import NotFound as werkzeug_NotFound
+
+from spegel_tx.content import Descriptor
+from spegel_tx.errors import Filtered, InvalidDigest, InvalidReference, NotFound, Unavailable
+from spegel_tx.interfaces import IBlob, IContentStore
+from spegel_tx.oci.digest import parse_digest
+from spegel_tx.oci.errors import ErrorCode, error_body
+from spegel_tx.oci.manifest import MANIFEST_MEDIA_TYPES
+from spegel_tx.oci.ranges import RangeNotSatisfiable, parse_range
+from spegel_tx.oci.reference import Reference, parse_reference, parse_repository, split_image_name
+from spegel_tx.registry.access import set_handler
+from spegel_tx.registry.streaming import send_blob
+
+MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+"""The distribution spec's suggested limit; larger content is never a manifest here."""
+
+_log = Logger()
+
+
+class Registry:
+    """Klein routes for ``/v2/``, manifests, blobs and the health checks."""
+
+    app = Klein()
+
+    def __init__(
+        self,
+        reactor: Any,
+        store: IContentStore,
+        mirrored_registries: Iterable[str] = (),
+        registry_filters: Iterable[re.Pattern[str]] = (),
+    ) -> None:
+        self._reactor = reactor
+        self._store = store
+        self._mirrored_registries = frozenset(mirrored_registries)
+        self._registry_filters = tuple(registry_filters)
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    @app.route("/livez", methods=["GET"])
+    def livez(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain")
+        return b"ok\n"
+
+    @app.route("/readyz", methods=["GET"])
+    def readyz(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain")
+        if self._store.ready():
+            return b"ok\n"
+        request.setResponseCode(503)
+        return b"containerd is not reachable\n"
+
+    @app.route("/v2/", methods=["GET"])
+    def base(self, request: Request) -> bytes:
+        request.setHeader(b"docker-distribution-api-version", b"registry/2.0")
+        request.setHeader(b"content-type", b"application/json")
+        return b"{}"
+
+    @app.route("/v2/<path:name>/manifests/<reference>", methods=["GET"])
+    async def manifest(self, request: Request, name: str, reference: str) -> bytes:
+        ref = parse_reference(_namespace(request), name, reference)
+        self._check_registry(ref.registry)
+        digest = ref.digest or await self._resolve_tag(ref)
+        try:
+            descriptor = await self._store.descriptor(digest)
+        except NotFound as e:
+            raise NotFound(f"manifest {reference} is not held here") from e
+        if descriptor.media_type not in MANIFEST_MEDIA_TYPES:
+            raise NotFound(f"{digest} is not a manifest")
+        set_handler(request, "local")
+        _set_content_headers(request, descriptor)
+        request.setHeader(b"content-length", b"%d" % descriptor.size)
+        if request.method == b"HEAD":
+            return b""
+        blob = await self._store.open(digest)
+        try:
+            return await _read_all(blob)
+        finally:
+            blob.close()
+
+    @app.route("/v2/<path:name>/blobs/<digest>", methods=["GET"])
+    async def blob(self, request: Request, name: str, digest: str) -> None:
+        parse_repository(name)
+        parse_digest(digest)
+        self._check_registry(_namespace(request))
+        descriptor = await self._store.descriptor(digest)
+        set_handler(request, "local")
+        _set_content_headers(request, descriptor)
+        request.setHeader(b"accept-ranges", b"bytes")
+        byte_range = parse_range(_header(request, b"range"), descriptor.size)
+        offset, length = 0, descriptor.size
+        if byte_range is not None:
+            offset, length = byte_range.first, byte_range.length
+            request.setResponseCode(206)
+            request.setHeader(b"content-range", byte_range.content_range(descriptor.size))
+        request.setHeader(b"content-length", b"%d" % length)
+        if request.method == b"HEAD":
+            return
+        blob = await self._store.open(digest)
+        try:
+            await send_blob(self._reactor, request, blob, offset, length)
+        except CancelledError:
+            raise
+        except Exception as e:
+            _log.info("body of {digest} aborted: {error}", digest=digest, error=str(e))
+            await _abort(request)
+        finally:
+            blob.close()
+
+    @app.route("/v2/<path:rest>", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"])
+    def other(self, request: Request, rest: str) -> None:
+        """Pushes, deletes, tag lists and catalogues are not a mirror's job."""
+        if request.method in (b"GET", b"HEAD"):
+            raise werkzeug_NotFound()
+        raise MethodNotAllowed()
+
+    async def _resolve_tag(self, ref: Reference) -> str:
+        if ref.registry is not None:
+            self._check_filters(ref.name)
+            try:
+                return str(await self._store.resolve(ref.name))
+            except NotFound as e:
+                raise NotFound(f"no image {ref.name} here") from e
+        return await self._resolve_unqualified(ref)
+
+    async def _resolve_unqualified(self, ref: Reference) -> str:
+        """Without ``ns`` a direct client (skopeo, ctr) asks; answer only when
+        exactly one local image matches repository and tag."""
+        matches = []
+        for image in await self._store.images():
+            parts = split_image_name(image.name)
+            if parts and parts.repository == ref.repository and parts.tag == ref.tag:
+                matches.append(image)
+        if len(matches) != 1:
+            found = "no image" if not matches else f"{len(matches)} images"
+            raise NotFound(f"{found} named {ref.repository}:{ref.tag} here; pass ns=<registry>")
+        self._check_filters(matches[0].name)
+        return matches[0].digest
+
+    def _check_registry(self, registry: str | None) -> None:
+        if registry and self._mirrored_registries and registry not in self._mirrored_registries:
+            raise Filtered(f"registry {registry} is not in mirrored-registries")
+
+    def _check_filters(self, name: str) -> None:
+        for pattern in self._registry_filters:
+            if pattern.search(name):
+                raise Filtered(f"{name} is excluded by registry-filters {pattern.pattern!r}")
+
+    @app.handle_errors(Exception)
+    def error(self, request: IRequest, failure: Failure) -> bytes:
+        code, message = _error_for(request, failure)
+        request.setResponseCode(code.status)
+        request.setHeader(b"content-type", b"application/json")
+        body = error_body(code, message)
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return body
+
+
+def _error_for(request: IRequest, failure: Failure) -> tuple[ErrorCode, str]:
+    """Map an exception to the OCI error a client should see."""
+    is_blob = b"/blobs/" in request.path
+    unknown = ErrorCode.BLOB_UNKNOWN if is_blob else ErrorCode.MANIFEST_UNKNOWN
+    error = failure.value
+    if isinstance(error, InvalidDigest):
+        return ErrorCode.DIGEST_INVALID, str(error)
+    if isinstance(error, InvalidReference):
+        return ErrorCode.NAME_INVALID, str(error)
+    if isinstance(error, (NotFound, Filtered)):
+        return unknown, str(error) or "not found"
+    if isinstance(error, Unavailable):
+        return unknown, f"containerd is unavailable: {error}"
+    if isinstance(error, RangeNotSatisfiable):
+        request.setHeader(b"content-range", b"bytes */%d" % error.size)
+        return ErrorCode.RANGE_NOT_SATISFIABLE, str(error)
+    if isinstance(error, MethodNotAllowed):
+        method = request.method.decode("ascii", "replace")
+        return ErrorCode.UNSUPPORTED, f"{method} is not supported: this registry is pull-only"
+    if isinstance(error, HTTPException):
+        return ErrorCode.NAME_UNKNOWN, "no such endpoint: this registry serves only pulls"
+    _log.failure("unexpected error serving {path}", failure, path=request.path)
+    return ErrorCode.UNKNOWN, "internal error"
+
+
+async def _abort(request: Request) -> None:
+    """Once headers are sent, the only honest error left is a cut connection;
+    wait until Twisted has seen it, so nobody finishes the request after."""
+    finished = request.notifyFinish()
+    finished.addErrback(lambda _: None)
+    transport = request.channel.transport if request.channel is not None else None
+    if ITCPTransport.providedBy(transport):
+        transport.abortConnection()
+    elif transport is not None:
+        transport.loseConnection()
+    await finished
+
+
+def _namespace(request: Request) -> str | None:
+    values = request.args.get(b"ns")
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+def _header(request: Request, name: bytes) -> str | None:
+    value = request.getHeader(name)
+    return value.decode("latin-1") if value is not None else None
+
+
+def _set_content_headers(request: Request, descriptor: Descriptor) -> None:
+    request.setHeader(b"content-type", descriptor.media_type.encode())
+    request.setHeader(b"docker-content-digest", descriptor.digest.encode())
+    request.setHeader(b"etag", f'"{descriptor.digest}"'.encode())
+
+
+async def _read_all(blob: IBlob) -> bytes:
+    if blob.size > MAX_MANIFEST_SIZE:
+        raise NotFound("content is too large to be a manifest")
+    parts = []
+    position = 0
+    while position < blob.size:
+        data = await blob.read(position, blob.size - position)
+        if not data:
+            raise NotFound("manifest content ended early")
+        parts.append(data)
+        position += len(data)
+    return b"".join(parts)

@@ -1,0 +1,335 @@
+"""The registry API against the in-memory store, through treq's StubTreq (no sockets)."""
+
+import hashlib
+import json
+import os
+import re
+
+import pytest
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionLost
+from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from spegel_tx.errors import Unavailable
+from spegel_tx.interfaces import IBlob
+from spegel_tx.registry.access import RegistrySite
+from spegel_tx.registry.app import Registry
+from spegel_tx.testing import MemoryStore
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+NAME = "registry.test/library/demo:v1"
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def descriptor(media_type: str, data: bytes) -> dict:
+    return {"mediaType": media_type, "digest": digest_of(data), "size": len(data)}
+
+
+class Image:
+    """A small OCI image: index → manifest → config + two layers."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.layers = [bytes([seed]) * 1000 + os.urandom(300_000), os.urandom(70_001)]
+        self.config = json.dumps({"architecture": "amd64", "os": "linux", "seed": seed}).encode()
+        self.manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": descriptor("application/vnd.oci.image.config.v1+json", self.config),
+                "layers": [
+                    descriptor("application/vnd.oci.image.layer.v1.tar+gzip", layer)
+                    for layer in self.layers
+                ],
+            }
+        ).encode()
+        self.index = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_INDEX,
+                "manifests": [descriptor(OCI_MANIFEST, self.manifest)],
+            }
+        ).encode()
+
+    def blobs(self) -> list[bytes]:
+        return [self.index, self.manifest, self.config, *self.layers]
+
+
+@pytest.fixture
+def image():
+    return Image()
+
+
+@pytest.fixture
+def store(image):
+    return MemoryStore(image.blobs(), {NAME: digest_of(image.index)})
+
+
+def client(store, **options):
+    return StubTreq(Registry(MemoryReactor(), store, **options).resource())
+
+
+def errors(body: bytes) -> list[str]:
+    return [e["code"] for e in json.loads(body)["errors"]]
+
+
+@pytest.mark.parametrize("path", ["/v2/", "/livez", "/readyz"])
+def test_ping_and_health(store, path):
+    response = client(store).get("http://node" + path).result
+    assert response.code == 200
+
+
+def test_readyz_fails_while_the_store_is_down(store):
+    store.is_ready = False
+    response = client(store).get("http://node/readyz").result
+    assert response.code == 503
+
+
+def raw_exchange(store, request: bytes) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    """Status line, headers and body bytes exactly as they would go on the wire."""
+    channel = RegistrySite(Registry(MemoryReactor(), store).resource()).buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(request)
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    headers = {k.lower(): v for k, _, v in (line.partition(b": ") for line in lines)}
+    return status, headers, body
+
+
+def test_head_manifest_by_tag_with_ns_gives_what_containerd_needs(store, image):
+    status, headers, body = raw_exchange(
+        store, b"HEAD /v2/library/demo/manifests/v1?ns=registry.test HTTP/1.1\r\nHost: n\r\n\r\n"
+    )
+    assert status == b"HTTP/1.1 200 OK"
+    assert headers[b"docker-content-digest"] == digest_of(image.index).encode()
+    assert headers[b"content-type"] == OCI_INDEX.encode()
+    assert headers[b"content-length"] == b"%d" % len(image.index)
+    assert body == b""
+
+
+def test_get_manifest_by_digest(store, image):
+    http = client(store)
+    digest = digest_of(image.manifest)
+    response = http.get(f"http://node/v2/library/demo/manifests/{digest}?ns=registry.test").result
+    assert response.code == 200
+    assert response.headers.getRawHeaders("content-type") == [OCI_MANIFEST]
+    assert http.content(response).result == image.manifest
+
+
+def test_tag_without_ns_resolves_only_a_unique_match(store, image):
+    http = client(store)
+    url = "http://node/v2/library/demo/manifests/v1"
+    assert http.content(http.get(url).result).result == image.index
+    store.tag("other.test/library/demo:v1", digest_of(image.manifest))
+    response = http.get(url).result
+    assert response.code == 404
+    assert errors(http.content(response).result) == ["MANIFEST_UNKNOWN"]
+
+
+def test_unknown_tag_and_non_manifest_digest_are_manifest_unknown(store, image):
+    http = client(store)
+    for path in [
+        "/v2/library/demo/manifests/v2?ns=registry.test",
+        f"/v2/library/demo/manifests/{digest_of(image.layers[0])}",
+        f"/v2/library/demo/manifests/{digest_of(b'absent')}",
+    ]:
+        response = http.get("http://node" + path).result
+        assert response.code == 404, path
+        assert errors(http.content(response).result) == ["MANIFEST_UNKNOWN"]
+
+
+def test_get_blob_streams_every_byte_and_releases_it(store, image):
+    http = client(store)
+    layer = image.layers[0]
+    response = http.get(f"http://node/v2/library/demo/blobs/{digest_of(layer)}").result
+    assert response.code == 200
+    assert response.headers.getRawHeaders("accept-ranges") == ["bytes"]
+    assert response.length == len(layer)
+    assert response.headers.getRawHeaders("docker-content-digest") == [digest_of(layer)]
+    assert http.content(response).result == layer
+    assert [blob.closed for blob in store.opened] == [True]
+
+
+def test_head_blob_sends_headers_only(store, image):
+    layer = image.layers[1]
+    request = (
+        b"HEAD /v2/library/demo/blobs/%s HTTP/1.1\r\nHost: n\r\n\r\n" % digest_of(layer).encode()
+    )
+    status, headers, body = raw_exchange(store, request)
+    assert status == b"HTTP/1.1 200 OK"
+    assert headers[b"content-length"] == b"%d" % len(layer)
+    assert b"transfer-encoding" not in headers
+    assert body == b""
+    assert store.opened == []
+
+
+@pytest.mark.parametrize(
+    ("header", "first", "last"),
+    [("bytes=10-19", 10, 19), ("bytes=-5", 69_996, 70_000), ("bytes=69990-", 69_990, 70_000)],
+)
+def test_ranges_give_206(store, image, header, first, last):
+    http = client(store)
+    layer = image.layers[1]
+    url = f"http://node/v2/library/demo/blobs/{digest_of(layer)}"
+    response = http.get(url, headers={"Range": header}).result
+    assert response.code == 206
+    assert response.headers.getRawHeaders("content-range") == [f"bytes {first}-{last}/{len(layer)}"]
+    assert http.content(response).result == layer[first : last + 1]
+
+
+def test_unsatisfiable_range_gives_416(store, image):
+    http = client(store)
+    layer = image.layers[1]
+    url = f"http://node/v2/library/demo/blobs/{digest_of(layer)}"
+    response = http.get(url, headers={"Range": f"bytes={len(layer)}-"}).result
+    assert response.code == 416
+    assert response.headers.getRawHeaders("content-range") == [f"bytes */{len(layer)}"]
+    assert errors(http.content(response).result) == ["RANGE_NOT_SATISFIABLE"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/v2/library/demo/blobs/sha256:nothex", 400, "DIGEST_INVALID"),
+        ("GET", "/v2/library/demo/blobs/md5:" + "a" * 32, 400, "DIGEST_INVALID"),
+        ("GET", "/v2/Library/Demo/manifests/v1", 400, "NAME_INVALID"),
+        ("GET", "/v2/library/demo/manifests/.bad", 400, "NAME_INVALID"),
+        ("GET", "/v2/library/demo/manifests/v1?ns=a/b", 400, "NAME_INVALID"),
+        ("GET", "/v2/library/demo/blobs/" + digest_of(b"x"), 404, "BLOB_UNKNOWN"),
+        ("PUT", "/v2/library/demo/manifests/v1", 405, "UNSUPPORTED"),
+        ("DELETE", "/v2/library/demo/blobs/" + digest_of(b"x"), 405, "UNSUPPORTED"),
+        ("POST", "/v2/library/demo/blobs/uploads/", 405, "UNSUPPORTED"),
+        ("GET", "/v2/library/demo/tags/list", 404, "NAME_UNKNOWN"),
+        ("GET", "/nowhere", 404, "NAME_UNKNOWN"),
+    ],
+)
+def test_bad_requests_get_oci_errors(store, method, path, status, code):
+    http = client(store)
+    response = http.request(method, "http://node" + path).result
+    assert response.code == status
+    assert response.headers.getRawHeaders("content-type") == ["application/json"]
+    body = http.content(response).result
+    assert errors(body) == [code]
+    assert b"Traceback" not in body
+
+
+def test_mirrored_registries_and_filters_hide_names(store, image):
+    url = "http://node/v2/library/demo/manifests/v1?ns=registry.test"
+    assert client(store, mirrored_registries=["docker.io"]).get(url).result.code == 404
+    assert client(store, mirrored_registries=["registry.test"]).get(url).result.code == 200
+    filtered = client(store, registry_filters=[re.compile(":v1$")])
+    assert filtered.get(url).result.code == 404
+    blob_url = f"http://node/v2/library/demo/blobs/{digest_of(image.config)}?ns=docker.io"
+    assert client(store, mirrored_registries=["registry.test"]).get(blob_url).result.code == 404
+
+
+def test_unavailable_store_is_a_fast_404(store):
+    store.resolve = lambda name: fail(Unavailable("socket refused"))
+    http = client(store)
+    response = http.get("http://node/v2/library/demo/manifests/v1?ns=registry.test").result
+    assert response.code == 404
+    assert (
+        "containerd is unavailable"
+        in json.loads(http.content(response).result)["errors"][0]["message"]
+    )
+
+
+@implementer(IBlob)
+class ControlledBlob:
+    """A blob whose reads complete only when the test says so."""
+
+    size = 3 * 64 * 1024
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[int, Deferred[bytes]]] = []
+        self.closed = False
+
+    def fileno(self) -> None:
+        return None
+
+    def read(self, offset: int, length: int) -> Deferred[bytes]:
+        d: Deferred[bytes] = Deferred()
+        self.reads.append((offset, d))
+        return d
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def serve_over_string_transport(store, blob):
+    store.open = lambda digest: succeed(blob)
+    site = RegistrySite(Registry(MemoryReactor(), store).resource())
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    digest = next(d for d, data in store.blobs.items() if len(data) == 70_001)
+    store.blobs[digest] = b"\0" * blob.size
+    channel.dataReceived(b"GET /v2/a/blobs/%s HTTP/1.1\r\nHost: node\r\n\r\n" % digest.encode())
+    return channel, transport
+
+
+def test_reads_stop_while_the_transport_is_paused(store):
+    blob = ControlledBlob()
+    _, transport = serve_over_string_transport(store, blob)
+    assert len(blob.reads) == 1
+    blob.reads[0][1].callback(b"a" * 65536)
+    assert len(blob.reads) == 2
+    transport.producer.pauseProducing()
+    blob.reads[1][1].callback(b"b" * 65536)
+    assert len(blob.reads) == 2, "a paused transport must not cause more reads"
+    transport.producer.resumeProducing()
+    assert [offset for offset, _ in blob.reads] == [0, 65536, 131072]
+    blob.reads[2][1].callback(b"c" * 65536)
+    assert transport.value().endswith(b"a" * 65536 + b"b" * 65536 + b"c" * 65536)
+    assert blob.closed
+
+
+def test_client_disconnect_mid_blob_releases_it(store):
+    blob = ControlledBlob()
+    channel, _ = serve_over_string_transport(store, blob)
+    blob.reads[0][1].callback(b"a" * 65536)
+    channel.connectionLost(Failure(ConnectionLost()))
+    assert blob.closed
+    assert len(blob.reads) == 2
+    blob.reads[1][1].callback(b"b" * 65536)
+    assert len(blob.reads) == 2
+
+
+def test_every_request_logs_one_event_even_when_cut_off(store, image):
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict] = []
+
+    def observe(event):
+        if event.get("log_namespace") == "spegel_tx.access":
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        site = RegistrySite(Registry(MemoryReactor(), store).resource())
+        channel = site.buildProtocol(None)
+        channel.makeConnection(StringTransport())
+        layer = digest_of(image.layers[0])
+        channel.dataReceived(b"GET /v2/a/blobs/%s HTTP/1.1\r\nHost: n\r\n\r\n" % layer.encode())
+        channel.dataReceived(b"GET /v2/a/blobs/sha256:zz HTTP/1.1\r\nHost: n\r\n\r\n")
+        blob = ControlledBlob()
+        channel, _ = serve_over_string_transport(store, blob)
+        blob.reads[0][1].callback(b"a" * 100)
+        channel.connectionLost(Failure(ConnectionLost()))
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    summary = [(e["status"], e["handler"], e["bytes"], e["completed"]) for e in events]
+    assert summary == [
+        (200, "local", len(image.layers[0]), True),
+        (400, "-", summary[1][2], True),
+        (200, "local", 100, False),
+    ]
+    assert events[0]["method"] == "GET"
+    assert events[0]["path"] == f"/v2/a/blobs/{layer}"
