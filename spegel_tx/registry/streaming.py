@@ -106,6 +106,7 @@ class _SendfileWriter:
         self._done: Deferred[None] = Deferred(lambda _: self._release())
 
     def start(self) -> Deferred[None]:
+        self._request.write(b"")  # queue the status line and headers ahead of the body
         self._socket_fd = os.dup(self._transport.fileno())
         self._reactor.addWriter(self)
         return self._done
