@@ -1,0 +1,111 @@
+"""Session-wide real processes: one containerd, one synthetic image, spegel-tx nodes on demand."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from subprocess import Popen
+
+import pytest
+
+from tests.support.containerd import Containerd
+from tests.support.ociimage import SyntheticImage, build_image
+from tests.support.processes import free_port, start_process, stop_process, wait_for_http
+
+ROOT = Path(__file__).resolve().parent.parent
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def require(*tools: str) -> None:
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(
+            f"needs {', '.join(missing)} (apt-get install containerd skopeo docker-registry)"
+        )
+
+
+@pytest.fixture(scope="session")
+def demo_image(tmp_path_factory: pytest.TempPathFactory) -> SyntheticImage:
+    return build_image(tmp_path_factory.mktemp("demo-image"))
+
+
+@pytest.fixture(scope="session")
+def containerd(
+    tmp_path_factory: pytest.TempPathFactory, demo_image: SyntheticImage
+) -> Iterator[Containerd]:
+    """Debian's containerd on its own root, holding ``demo_image`` in ``k8s.io``."""
+    require("containerd", "ctr")
+    instance = Containerd(tmp_path_factory.mktemp("containerd"))
+    instance.start()
+    try:
+        instance.ctr("images", "import", str(demo_image.archive))
+        yield instance
+    finally:
+        instance.stop()
+
+
+@dataclass
+class Node:
+    """A running ``twistd -n spegel`` process."""
+
+    host: str
+    port: int
+    process: Popen[bytes]
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+@pytest.fixture
+def spegel_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
+    """Start nodes with ``spegel_node(containerd, host="127.0.0.N", **extra_keys)``.
+
+    Runs the working tree's code (PYTHONPATH), logs JSON lines to a file, and
+    stops every node by PID when the test ends.
+    """
+    nodes: list[Node] = []
+
+    def start(containerd: Containerd, host: str = "127.0.0.1", **extra: str) -> Node:
+        port = free_port(host)
+        keys = {
+            "registry-addr": f"{host}:{port}",
+            "router-addr": f"{host}:{free_port(host)}",
+            "metrics-addr": f"{host}:{free_port(host)}",
+            "containerd-sock": containerd.address,
+            "containerd-namespace": containerd.namespace,
+            "containerd-content-path": containerd.content_path,
+        } | {key.replace("_", "-"): value for key, value in extra.items()}
+        workdir = tmp_path / f"node-{host}-{port}"
+        workdir.mkdir()
+        config = workdir / "node.yaml"
+        config.write_text("".join(f"{key}: {value!r}\n" for key, value in keys.items()))
+        log_path = workdir / "spegel.log"
+        command = [*TWISTD, "-n", "--pidfile=", "--logger", "spegel_tx.logs.json_observer"]
+        process = start_process(
+            [*command, "spegel", "--config", str(config)],
+            log_path,
+            cwd=workdir,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        node = Node(host, port, process, log_path)
+        nodes.append(node)
+        wait_for_http(f"{node.url}/readyz", process, log_path, timeout=30)
+        return node
+
+    yield start
+    for node in nodes:
+        stop_process(node.process)

@@ -1,0 +1,1 @@
+"""Real processes and real images for the integration tests and benchmarks."""
