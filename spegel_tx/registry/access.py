@@ -47,10 +47,38 @@ def set_handler(request: Any, handler: str) -> None:
         request.handler = handler
 
 
+TLS_HANDSHAKE = b"\x16\x03"
+"""The first bytes of a TLS ClientHello record."""
+
+
+class RegistryChannel(http.HTTPChannel):
+    """Plain HTTP/1.1 (so sendfile can reach the TCP socket) that refuses TLS at once.
+
+    Clients such as skopeo try https first; unanswered, a ClientHello waits
+    for a line ending until the client's handshake timeout (10 s). Answering
+    as Go's servers do makes them fall back to plain HTTP immediately.
+    """
+
+    _first_bytes = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._first_bytes:
+            self._first_bytes = False
+            if data.startswith(TLS_HANDSHAKE) and self.transport is not None:
+                self.transport.write(
+                    b"HTTP/1.0 400 Bad Request\r\n\r\n"
+                    b"Client sent an HTTP request to an HTTPS server.\n"
+                )
+                self.transport.loseConnection()
+                return
+        super().dataReceived(data)
+
+
 class RegistrySite(Site):
     """A Site whose only request log is ``AccessLogRequest``'s structured event."""
 
     requestFactory = AccessLogRequest
+    protocol = RegistryChannel
 
     def log(self, request: http.Request) -> None:
         pass

@@ -333,3 +333,12 @@ def test_every_request_logs_one_event_even_when_cut_off(store, image):
     ]
     assert events[0]["method"] == "GET"
     assert events[0]["path"] == f"/v2/a/blobs/{layer}"
+
+
+def test_tls_handshake_on_the_plain_port_is_refused_at_once(store):
+    channel = RegistrySite(Registry(MemoryReactor(), store).resource()).buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40)
+    assert transport.value().startswith(b"HTTP/1.0 400 Bad Request\r\n")
+    assert transport.disconnecting
