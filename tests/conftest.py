@@ -72,14 +72,17 @@ class Node:
 
 @pytest.fixture
 def spegel_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
-    """Start nodes with ``spegel_node(containerd, host="127.0.0.N", **extra_keys)``.
+    """Start nodes with ``spegel_node(containerd, host="127.0.0.N", **extra_keys)``;
+    it returns once ``/readyz`` (or with ``wait_ready=False``, ``/livez``) answers.
 
     Runs the working tree's code (PYTHONPATH), logs JSON lines to a file, and
     stops every node by PID when the test ends.
     """
     nodes: list[Node] = []
 
-    def start(containerd: Containerd, host: str = "127.0.0.1", **extra: str) -> Node:
+    def start(
+        containerd: Containerd, host: str = "127.0.0.1", wait_ready: bool = True, **extra: str
+    ) -> Node:
         port = free_port(host)
         keys = {
             "registry-addr": f"{host}:{port}",
@@ -103,7 +106,7 @@ def spegel_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
         )
         node = Node(host, port, process, log_path)
         nodes.append(node)
-        wait_for_http(f"{node.url}/readyz", process, log_path, timeout=30)
+        wait_for_http(f"{node.url}/{'readyz' if wait_ready else 'livez'}", process, log_path, 30)
         return node
 
     yield start
