@@ -12,7 +12,7 @@ from subprocess import Popen
 
 import pytest
 
-from tests.support.containerd import Containerd
+from tests.support.containerd import Containerd, running_containerd
 from tests.support.ociimage import SyntheticImage, build_image
 from tests.support.processes import free_port, start_process, stop_process, wait_for_http
 
@@ -39,13 +39,8 @@ def containerd(
 ) -> Iterator[Containerd]:
     """Debian's containerd on its own root, holding ``demo_image`` in ``k8s.io``."""
     require("containerd", "ctr")
-    instance = Containerd(tmp_path_factory.mktemp("containerd"))
-    instance.start()
-    try:
-        instance.ctr("images", "import", str(demo_image.archive))
+    with running_containerd(tmp_path_factory.mktemp("containerd"), demo_image.archive) as instance:
         yield instance
-    finally:
-        instance.stop()
 
 
 @dataclass

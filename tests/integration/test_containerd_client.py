@@ -22,7 +22,7 @@ from spegel_tx.content import ImageEvent, ImageEventKind
 from spegel_tx.errors import NotFound, Unavailable
 from spegel_tx.oci.manifest import OCI_INDEX, OCI_MANIFEST
 from tests.conftest import require
-from tests.support.containerd import Containerd
+from tests.support.containerd import Containerd, running_containerd
 from tests.support.ociimage import SyntheticImage
 
 pytestmark = pytest.mark.integration
@@ -176,13 +176,8 @@ class Events:
 def restartable_containerd(tmp_path: Path, demo_image: SyntheticImage) -> Iterator[Containerd]:
     """A containerd of its own: killing the session's one would disturb other tests."""
     require("containerd", "ctr")
-    containerd = Containerd(tmp_path / "containerd")
-    containerd.start()
-    try:
-        containerd.ctr("images", "import", str(demo_image.archive))
+    with running_containerd(tmp_path / "containerd", demo_image.archive) as containerd:
         yield containerd
-    finally:
-        containerd.stop()
 
 
 @pytest_twisted.ensureDeferred

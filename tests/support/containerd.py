@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -92,3 +94,15 @@ class Containerd:
         if answer.returncode != 0:
             raise RuntimeError(f"ctr {' '.join(args)} failed: {answer.stderr.decode()}")
         return answer.stdout.decode()
+
+
+@contextmanager
+def running_containerd(base: Path, archive: Path) -> Iterator[Containerd]:
+    """A started containerd holding the image ``archive`` in ``k8s.io``; stopped on exit."""
+    instance = Containerd(base)
+    instance.start()
+    try:
+        instance.ctr("images", "import", str(archive))
+        yield instance
+    finally:
+        instance.stop()
