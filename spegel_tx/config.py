@@ -174,6 +174,9 @@ class Config:
     data_dir: str = ""
     log_level: str = "INFO"
     debug_web_enabled: bool = False
+    router_secret_file: str = ""
+    router_record_ttl: float = 19 * 60.0
+    router_republish_interval: float = 15 * 60.0
 
 
 _PARSERS: dict[str, Callable[[Any], Any]] = {
@@ -193,6 +196,9 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "data-dir": _parse_str,
     "log-level": _parse_choice(_LOG_LEVELS),
     "debug-web-enabled": _parse_bool,
+    "router-secret-file": _parse_str,
+    "router-record-ttl": _parse_duration_value,
+    "router-republish-interval": _parse_duration_value,
 }
 
 KEYS: tuple[str, ...] = tuple(_PARSERS)
@@ -245,4 +251,28 @@ def load_config(
             values[key.replace("-", "_")] = _PARSERS[key](value)
         except (ValueError, TypeError) as e:
             raise ConfigError(key, str(e)) from e
-    return dataclasses.replace(Config(), **values)
+    config = dataclasses.replace(Config(), **values)
+    if config.router_republish_interval >= config.router_record_ttl:
+        raise ConfigError(
+            "router-republish-interval", "must be shorter than router-record-ttl, or records lapse"
+        )
+    return config
+
+
+def router_secret(config: Config, environ: Mapping[str, str] | None = None) -> bytes | None:
+    """The DHT's cluster secret: ``ROUTER_SECRET`` itself, or the file ``router-secret-file`` names."""
+    environ = os.environ if environ is None else environ
+    if environ.get("ROUTER_SECRET"):
+        return environ["ROUTER_SECRET"].encode()
+    if not config.router_secret_file:
+        return None
+    try:
+        with open(config.router_secret_file, "rb") as f:
+            secret = f.read().strip()
+    except OSError as e:
+        raise ConfigError(
+            "router-secret-file", f"cannot read {config.router_secret_file}: {e.strerror}"
+        ) from e
+    if len(secret) < 16:
+        raise ConfigError("router-secret-file", "the secret must be at least 16 bytes")
+    return secret

@@ -120,3 +120,24 @@ def test_ipv6_without_brackets_is_refused():
 
 def test_shipped_example_documents_the_defaults():
     assert load_config("deploy/examples/node.yaml", environ={}) == Config()
+
+
+def test_router_secret_from_environment_or_file(tmp_path):
+    from spegel_tx.config import router_secret
+
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("0123456789abcdef-cluster\n")
+    config = load_config(write(tmp_path, f"router-secret-file: {secret_file}\n"), environ={})
+    assert router_secret(config, environ={}) == b"0123456789abcdef-cluster"
+    assert router_secret(config, environ={"ROUTER_SECRET": "from-env"}) == b"from-env"
+    assert router_secret(Config(), environ={}) is None
+    secret_file.write_text("short")
+    with pytest.raises(ConfigError, match="^router-secret-file: .*16 bytes"):
+        router_secret(config, environ={})
+
+
+def test_republishing_must_come_before_records_expire(tmp_path):
+    with pytest.raises(ConfigError, match="^router-republish-interval: "):
+        load_config(
+            write(tmp_path, "router-record-ttl: 10m\nrouter-republish-interval: 15m\n"), environ={}
+        )
