@@ -132,12 +132,12 @@ def test_router_secret_from_environment_or_file(tmp_path):
     assert router_secret(config, environ={"ROUTER_SECRET": "from-env"}) == b"from-env"
     assert router_secret(Config(), environ={}) is None
     secret_file.write_text("short")
-    with pytest.raises(ConfigError, match="^router-secret-file: .*16 bytes"):
+    with pytest.raises(ConfigError, match=r"^router-secret-file: .*16 bytes"):
         router_secret(config, environ={})
 
 
 def test_republishing_must_come_before_records_expire(tmp_path):
-    with pytest.raises(ConfigError, match="^router-republish-interval: "):
+    with pytest.raises(ConfigError, match=r"^router-republish-interval: "):
         load_config(
             write(tmp_path, "router-record-ttl: 10m\nrouter-republish-interval: 15m\n"), environ={}
         )
