@@ -260,7 +260,7 @@ def load_config(
 
 
 def router_secret(config: Config, environ: Mapping[str, str] | None = None) -> bytes | None:
-    """The DHT's cluster secret: ``ROUTER_SECRET`` itself, or the file ``router-secret-file`` names."""
+    """The DHT cluster secret: ``ROUTER_SECRET`` itself, or the ``router-secret-file``."""
     environ = os.environ if environ is None else environ
     if environ.get("ROUTER_SECRET"):
         return environ["ROUTER_SECRET"].encode()
