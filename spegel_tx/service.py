@@ -4,16 +4,33 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.internet import TCPServer
+from twisted.application.internet import TCPServer, UDPServer
 from twisted.application.service import MultiService
+from twisted.names import client as dns_client
+from twisted.web.server import Site
 
-from spegel_tx.config import Config
+from spegel_tx.config import Config, router_secret
 from spegel_tx.containerd.store import ContainerdStore
+from spegel_tx.debug import DebugPages
+from spegel_tx.interfaces import IBootstrapper
 from spegel_tx.registry.access import RegistrySite
 from spegel_tx.registry.app import Registry
+from spegel_tx.routing.bootstrap import DNSBootstrapper, StaticBootstrapper
+from spegel_tx.routing.kademlia.node import load_or_create_node_id
+from spegel_tx.routing.kademlia.protocol import KademliaProtocol
+from spegel_tx.routing.kademlia.router import KademliaRouter
+from spegel_tx.state import StateTracker
+
+
+def make_bootstrapper(config: Config, reactor: Any) -> IBootstrapper:
+    if config.bootstrap_kind == "dns":
+        resolver = dns_client.createResolver()
+        return DNSBootstrapper(resolver, config.dns_bootstrap_domain, config.router_addr.port)
+    return StaticBootstrapper(reactor, config.static_bootstrap_peers)
 
 
 def make_service(config: Config, reactor: Any) -> MultiService:
+    """Children stop in reverse order: the router withdraws while its UDP port still listens."""
     node = MultiService()
     store = ContainerdStore(
         reactor,
@@ -22,10 +39,47 @@ def make_service(config: Config, reactor: Any) -> MultiService:
         content_path=config.containerd_content_path,
     )
     store.setServiceParent(node)
-    registry = Registry(reactor, store, config.mirrored_registries, config.registry_filters)
-    site = RegistrySite(registry.resource())
-    registry_server = TCPServer(
-        config.registry_addr.port, site, interface=config.registry_addr.host, reactor=reactor
+
+    protocol = KademliaProtocol(
+        reactor,
+        load_or_create_node_id(config.data_dir),
+        registry_port=config.registry_addr.port,
+        secret=router_secret(config),
+        record_ttl=config.router_record_ttl,
     )
-    registry_server.setServiceParent(node)
+    UDPServer(
+        config.router_addr.port, protocol, interface=config.router_addr.host, reactor=reactor
+    ).setServiceParent(node)
+    router = KademliaRouter(
+        reactor,
+        protocol,
+        make_bootstrapper(config, reactor),
+        config.router_addr.port,
+        republish_interval=config.router_republish_interval,
+    )
+    router.setServiceParent(node)
+    StateTracker(
+        reactor, store, router, config.mirrored_registries, config.registry_filters
+    ).setServiceParent(node)
+
+    has_peers = bool(config.static_bootstrap_peers) or config.bootstrap_kind == "dns"
+    registry = Registry(
+        reactor,
+        store,
+        config.mirrored_registries,
+        config.registry_filters,
+        router=router if has_peers else None,
+    )
+    TCPServer(
+        config.registry_addr.port,
+        RegistrySite(registry.resource()),
+        interface=config.registry_addr.host,
+        reactor=reactor,
+    ).setServiceParent(node)
+    TCPServer(
+        config.metrics_addr.port,
+        Site(DebugPages(reactor, router).resource()),
+        interface=config.metrics_addr.host,
+        reactor=reactor,
+    ).setServiceParent(node)
     return node

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import Callable, Iterable
+from typing import Any
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IUDPTransport
+from twisted.internet.protocol import DatagramProtocol
 from zope.interface import implementer
 
 from spegel_tx.content import Descriptor, Image, ImageEvent, ImageEventKind
@@ -111,3 +116,73 @@ class MemoryStore:
     def subscribe(self, handler: Callable[[ImageEvent], None]) -> Callable[[], None]:
         self._handlers.append(handler)
         return lambda: self._handlers.remove(handler)
+
+
+class MemoryUDPNetwork:
+    """Datagrams between protocols in one process, on one clock, with optional loss.
+
+    Each datagram arrives ``latency`` seconds after it is sent (so clocks, not
+    recursion, drive a lookup), unless the loss draw drops it or the
+    destination has vanished.
+    """
+
+    def __init__(
+        self, clock: Any, latency: float = 0.001, loss: float = 0.0, seed: int = 0
+    ) -> None:
+        self.clock = clock
+        self.latency = latency
+        self.loss = loss
+        self._random = random.Random(seed)
+        self._endpoints: dict[tuple[str, int], DatagramProtocol] = {}
+        self.sent = 0
+
+    def attach(self, protocol: DatagramProtocol, host: str, port: int) -> None:
+        self._endpoints[(host, port)] = protocol
+        protocol.makeConnection(_MemoryUDPTransport(self, host, port))
+
+    def vanish(self, host: str, port: int) -> None:
+        """The node goes without a word: nothing it sent or will be sent arrives."""
+        self._endpoints.pop((host, port), None)
+
+    def send(self, source: tuple[str, int], data: bytes, destination: tuple[str, int]) -> None:
+        self.sent += 1
+        if source not in self._endpoints:
+            return
+        if self.loss and self._random.random() < self.loss:
+            return
+        self.clock.callLater(self.latency, self._deliver, source, data, destination)
+
+    def _deliver(self, source: tuple[str, int], data: bytes, destination: tuple[str, int]) -> None:
+        protocol = self._endpoints.get(destination)
+        if protocol is not None:
+            protocol.datagramReceived(data, source)
+
+
+@implementer(IUDPTransport)
+class _MemoryUDPTransport:
+    def __init__(self, network: MemoryUDPNetwork, host: str, port: int) -> None:
+        self._network = network
+        self._address = (host, port)
+
+    def write(self, packet: bytes, addr: tuple[str, int] | None = None) -> None:
+        if addr is None:
+            raise ValueError("an unconnected UDP transport needs an address")
+        self._network.send(self._address, packet, addr)
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("UDP", *self._address)
+
+    def stopListening(self) -> None:
+        self._network.vanish(*self._address)
+
+    def connect(self, host: str, port: int) -> None:
+        raise NotImplementedError("the DHT sends to many peers from one unconnected socket")
+
+    def getPeer(self) -> None:
+        return None
+
+    def setBroadcastAllowed(self, enabled: bool) -> None:
+        pass
+
+    def getBroadcastAllowed(self) -> bool:
+        return False

@@ -51,6 +51,15 @@ class Node:
     port: int
     process: Popen[bytes]
     log_path: Path
+    config: dict[str, str]
+
+    @property
+    def router_address(self) -> str:
+        return self.config["router-addr"]
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.config['metrics-addr']}"
 
     @property
     def url(self) -> str:
@@ -99,7 +108,7 @@ def spegel_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
             cwd=workdir,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
-        node = Node(host, port, process, log_path)
+        node = Node(host, port, process, log_path, keys)
         nodes.append(node)
         wait_for_http(f"{node.url}/{'readyz' if wait_ready else 'livez'}", process, log_path, 30)
         return node

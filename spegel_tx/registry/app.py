@@ -23,7 +23,7 @@ from werkzeug.exceptions import NotFound as werkzeug_NotFound
 
 from spegel_tx.content import Descriptor
 from spegel_tx.errors import Filtered, InvalidDigest, InvalidReference, NotFound, Unavailable
-from spegel_tx.interfaces import IBlob, IContentStore
+from spegel_tx.interfaces import IBlob, IContentStore, IRouter
 from spegel_tx.oci.digest import parse_digest
 from spegel_tx.oci.errors import ErrorCode, error_body
 from spegel_tx.oci.manifest import MANIFEST_MEDIA_TYPES
@@ -49,9 +49,11 @@ class Registry:
         store: IContentStore,
         mirrored_registries: Iterable[str] = (),
         registry_filters: Iterable[re.Pattern[str]] = (),
+        router: IRouter | None = None,
     ) -> None:
         self._reactor = reactor
         self._store = store
+        self._router = router
         self._mirrored_registries = frozenset(mirrored_registries)
         self._registry_filters = tuple(registry_filters)
 
@@ -66,10 +68,13 @@ class Registry:
     @app.route("/readyz", methods=["GET"])
     def readyz(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/plain")
-        if self._store.ready():
-            return b"ok\n"
-        request.setResponseCode(503)
-        return b"containerd is not reachable\n"
+        if not self._store.ready():
+            request.setResponseCode(503)
+            return b"containerd is not reachable\n"
+        if self._router is not None and not self._router.ready():
+            request.setResponseCode(503)
+            return b"no DHT peer found yet\n"
+        return b"ok\n"
 
     @app.route("/v2/", methods=["GET"])
     def base(self, request: Request) -> bytes:

@@ -1,0 +1,91 @@
+"""Where a node finds its first DHT peers.
+
+Addresses come back as IP literals: the DHT matches answers by their source
+address, which is always an IP.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.logger import Logger
+from twisted.names import dns
+from zope.interface import implementer
+
+from spegel_tx.config import Address
+from spegel_tx.interfaces import IBootstrapper
+
+_log = Logger()
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+@implementer(IBootstrapper)
+class StaticBootstrapper:
+    """A fixed list of ``host:port`` router addresses; host names are resolved each time."""
+
+    def __init__(self, reactor: Any, peers: tuple[Address, ...]) -> None:
+        self._reactor = reactor
+        self._peers = peers
+
+    async def _resolve(self) -> list[tuple[str, int]]:
+        found = []
+        for peer in self._peers:
+            if _is_ip(peer.host):
+                found.append((peer.host, peer.port))
+                continue
+            try:
+                found.append((await self._reactor.resolve(peer.host), peer.port))
+            except Exception as e:
+                _log.warn("cannot resolve bootstrap peer {host}: {error}", host=peer.host, error=e)
+        return found
+
+    def peers(self) -> Deferred[list[tuple[str, int]]]:
+        return Deferred.fromCoroutine(self._resolve())
+
+
+@implementer(IBootstrapper)
+class DNSBootstrapper:
+    """Every A and AAAA record of a name (a Kubernetes headless Service), at our router port."""
+
+    def __init__(self, resolver: Any, domain: str, port: int) -> None:
+        self._resolver = resolver
+        self._domain = domain
+        self._port = port
+
+    async def _lookup(self) -> list[tuple[str, int]]:
+        results = await DeferredList(
+            [
+                self._resolver.lookupAddress(self._domain),
+                self._resolver.lookupIPV6Address(self._domain),
+            ],
+            consumeErrors=True,
+        )
+        hosts = []
+        for succeeded, result in results:
+            if not succeeded:
+                continue
+            answers, _, _ = result
+            for record in answers:
+                if record.type in (dns.A, dns.AAAA):
+                    hosts.append(
+                        record.payload.dottedQuad() if record.type == dns.A else _aaaa(record)
+                    )
+        if not hosts:
+            _log.warn("no A or AAAA records for {domain}", domain=self._domain)
+        return [(host, self._port) for host in sorted(set(hosts))]
+
+    def peers(self) -> Deferred[list[tuple[str, int]]]:
+        return Deferred.fromCoroutine(self._lookup())
+
+
+def _aaaa(record: Any) -> str:
+    return str(ipaddress.IPv6Address(record.payload.address))

@@ -1,0 +1,181 @@
+"""Iterative Kademlia lookups: ask the alpha closest unasked nodes, learn closer ones, repeat.
+
+A search for providers streams each provider the moment a response names
+it, so the mirror can start fetching while the search goes on. Searches for
+the same key share one set of datagrams however many callers wait on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from spegel_tx.interfaces import ILookup
+from spegel_tx.routing.kademlia.messages import (
+    Body,
+    Contact,
+    FindNode,
+    GetProviders,
+    Message,
+    Nodes,
+    Provider,
+    Providers,
+)
+from spegel_tx.routing.kademlia.node import distance
+from spegel_tx.routing.kademlia.protocol import KademliaProtocol
+
+
+class Search:
+    """One iterative search towards ``target``; ``providers`` grows as they are found.
+
+    ``want`` is how many providers end the search early (0: never; a node
+    search runs until the closest ``k`` have answered or failed).
+    """
+
+    def __init__(
+        self,
+        protocol: KademliaProtocol,
+        target: bytes,
+        find_providers: bool,
+        want: int,
+        alpha: int = 3,
+    ) -> None:
+        self._protocol = protocol
+        self.target = target
+        self._find_providers = find_providers
+        self.want = want
+        self._alpha = alpha
+        self._candidates: dict[bytes, Contact] = {}
+        self._asked: set[bytes] = set()
+        self._answered: dict[bytes, Contact] = {}
+        self._in_flight = 0
+        self.providers: list[Provider] = []
+        self._provider_ids: set[bytes] = set()
+        self.done = False
+        self.messages = 0
+        self._listeners: list[Callable[[], None]] = []
+        self._finished: Deferred[list[Contact]] = Deferred()
+
+    def start(self) -> Deferred[list[Contact]]:
+        protocol = self._protocol
+        protocol.table.touch(self.target, protocol.clock.seconds())
+        if self._find_providers:
+            for provider in protocol.providers_of(self.target):
+                self._found(provider)
+        for contact in protocol.table.closest(self.target, protocol.k):
+            self._candidates[contact.node_id] = contact
+        self._step()
+        return self._finished
+
+    def listen(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` whenever a provider is found or the search ends."""
+        self._listeners.append(listener)
+
+    def _notify(self) -> None:
+        for listener in list(self._listeners):
+            listener()
+
+    def _found(self, provider: Provider) -> None:
+        if provider.node_id == self._protocol.node_id or provider.node_id in self._provider_ids:
+            return
+        self._provider_ids.add(provider.node_id)
+        self.providers.append(provider)
+        self._notify()
+
+    def _closest_unfinished(self) -> list[Contact]:
+        """The k closest known contacts that have not failed, nearest first."""
+        ranked = sorted(self._candidates.values(), key=lambda c: distance(c.node_id, self.target))
+        return ranked[: self._protocol.k]
+
+    def _step(self) -> None:
+        if self.done:
+            return
+        if self.want and len(self.providers) >= self.want:
+            self._finish()
+            return
+        closest = self._closest_unfinished()
+        for contact in closest:
+            if self._in_flight >= self._alpha:
+                break
+            if contact.node_id in self._asked:
+                continue
+            self._asked.add(contact.node_id)
+            self._in_flight += 1
+            self.messages += 1
+            body: Body = (
+                GetProviders(self.target) if self._find_providers else FindNode(self.target)
+            )
+            self._protocol.request(contact, body).addCallbacks(
+                self._answered_by, self._failed_by, callbackArgs=(contact,), errbackArgs=(contact,)
+            )
+        if self._in_flight == 0 and all(c.node_id in self._asked for c in closest):
+            self._finish()
+
+    def _answered_by(self, message: Message, contact: Contact) -> None:
+        self._in_flight -= 1
+        if self.done:
+            return
+        self._answered[contact.node_id] = contact
+        body = message.body
+        closer: tuple[Contact, ...] = ()
+        if isinstance(body, Providers):
+            for provider in body.providers:
+                self._found(provider)
+            closer = body.closer
+        elif isinstance(body, Nodes):
+            closer = body.contacts
+        for candidate in closer:
+            if candidate.node_id != self._protocol.node_id:
+                self._candidates.setdefault(candidate.node_id, candidate)
+        self._step()
+
+    def _failed_by(self, failure: Failure, contact: Contact) -> None:
+        self._in_flight -= 1
+        self._candidates.pop(contact.node_id, None)
+        self._step()
+
+    def _finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        answered = sorted(self._answered.values(), key=lambda c: distance(c.node_id, self.target))
+        self._finished.callback(answered[: self._protocol.k])
+        self._notify()
+
+    def cancel(self) -> None:
+        self._finish()
+
+
+@implementer(ILookup)
+class ProviderLookup:
+    """One caller's view of a shared provider search: its own position in the results."""
+
+    def __init__(self, search: Search, count: int) -> None:
+        self._search = search
+        self._count = count
+        self._position = 0
+        self._waiting: Deferred[tuple[str, int] | None] | None = None
+        self._cancelled = False
+        search.listen(self._changed)
+
+    def next_provider(self) -> Deferred[tuple[str, int] | None]:
+        if self._position < min(len(self._search.providers), self._count) and not self._cancelled:
+            provider = self._search.providers[self._position]
+            self._position += 1
+            return succeed((provider.host, provider.registry_port))
+        if self._cancelled or self._search.done or self._position >= self._count:
+            return succeed(None)
+        self._waiting = Deferred()
+        return self._waiting
+
+    def _changed(self) -> None:
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            self.next_provider().chainDeferred(waiting)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._changed()

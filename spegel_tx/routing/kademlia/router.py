@@ -1,0 +1,198 @@
+"""``IRouter`` on the Kademlia DHT: join, advertise, withdraw, republish, look up."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from spegel_tx.interfaces import IBootstrapper, ILookup, IRouter
+from spegel_tx.routing.kademlia.codec import split_keys
+from spegel_tx.routing.kademlia.lookup import ProviderLookup, Search
+from spegel_tx.routing.kademlia.messages import AddProvider, Contact, RemoveProvider
+from spegel_tx.routing.kademlia.node import key_id
+from spegel_tx.routing.kademlia.protocol import KademliaProtocol
+
+_log = Logger()
+
+PROVIDE_CONCURRENCY = 16
+"""Node searches run at once while advertising many keys."""
+
+
+@implementer(IRouter)
+class KademliaRouter(Service):
+    """Owns the protocol's periodic work; the UDP port is listened on by the caller's service."""
+
+    def __init__(
+        self,
+        clock: Any,
+        protocol: KademliaProtocol,
+        bootstrapper: IBootstrapper,
+        router_port: int,
+        republish_interval: float = 15 * 60.0,
+        bootstrap_interval: float = 60.0,
+        refresh_interval: float = 15 * 60.0,
+        max_bootstrap_delay: float = 30.0,
+    ) -> None:
+        self._clock = clock
+        self.protocol = protocol
+        self._bootstrapper = bootstrapper
+        self._router_port = router_port
+        self._republish_interval = republish_interval
+        self._bootstrap_interval = bootstrap_interval
+        self._refresh_interval = refresh_interval
+        self._max_bootstrap_delay = max_bootstrap_delay
+        self._bootstrap_delay = 0.5
+        self._advertised: set[str] = set()
+        self._stored_at: dict[bytes, set[Contact]] = {}
+        self._searches: dict[bytes, Search] = {}
+        self._loops: list[LoopingCall] = []
+        self._bootstrap_call: Any = None
+
+    # Lifecycle
+
+    def startService(self) -> None:
+        Service.startService(self)
+        for work, interval in [
+            (self._republish, self._republish_interval),
+            (self._maintain, 60.0),
+            (self._refresh, self._refresh_interval),
+        ]:
+            loop = LoopingCall(self._guarded, work)
+            loop.clock = self._clock
+            loop.start(interval, now=False)
+            self._loops.append(loop)
+        self._bootstrap_call = self._clock.callLater(0, self._bootstrap)
+
+    def stopService(self) -> Deferred[None]:
+        """Withdraw everything first, so peers stop sending requests to a node that left."""
+        Service.stopService(self)
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        self._loops = []
+        if self._bootstrap_call is not None and self._bootstrap_call.active():
+            self._bootstrap_call.cancel()
+        return self.withdraw(list(self._advertised))
+
+    def _guarded(self, work: Any) -> Deferred[None]:
+        """Periodic work logs its failures; a LoopingCall whose work fails stops for good."""
+        d: Deferred[None] = Deferred.fromCoroutine(work())
+        d.addErrback(lambda f: _log.failure("DHT maintenance failed", f))
+        return d
+
+    # Joining
+
+    def ready(self) -> bool:
+        return len(self.protocol.table) > 0
+
+    def _bootstrap(self) -> None:
+        self._bootstrap_call = None
+        Deferred.fromCoroutine(self._join()).addErrback(
+            lambda f: _log.failure("DHT bootstrap failed", f)
+        ).addBoth(lambda _: self._schedule_bootstrap())
+
+    def _schedule_bootstrap(self) -> None:
+        if not self.running:
+            return
+        if self.ready():
+            self._bootstrap_delay = 0.5
+            delay = self._bootstrap_interval
+        else:
+            delay = self._bootstrap_delay
+            self._bootstrap_delay = min(self._bootstrap_delay * 2, self._max_bootstrap_delay)
+        self._bootstrap_call = self._clock.callLater(delay, self._bootstrap)
+
+    async def _join(self) -> None:
+        peers = await self._bootstrapper.peers()
+        pings = [
+            self.protocol.ping(Contact(b"", host, port))
+            for host, port in peers
+            if (host, port) != self._own_address()
+        ]
+        await DeferredList(pings, consumeErrors=True)
+        if self.ready():
+            await Search(self.protocol, self.protocol.node_id, False, 0).start()
+        else:
+            _log.warn("no DHT peer answered among {count} bootstrap peers", count=len(pings))
+
+    def _own_address(self) -> tuple[str, int] | None:
+        host = getattr(self.protocol.transport, "getHost", lambda: None)()
+        return (host.host, host.port) if host is not None else None
+
+    # Looking up
+
+    def lookup(self, key: str, count: int) -> ILookup:
+        target = key_id(key)
+        search = self._searches.get(target)
+        if search is None or search.done:
+            search = Search(self.protocol, target, find_providers=True, want=count)
+            self._searches[target] = search
+            search.start().addBoth(lambda _: self._searches.pop(target, None))
+        else:
+            search.want = max(search.want, count)
+        return ProviderLookup(search, count)
+
+    # Advertising
+
+    def advertise(self, keys: Iterable[str]) -> Deferred[None]:
+        keys = list(keys)
+        self._advertised.update(keys)
+        return Deferred.fromCoroutine(self._provide(keys))
+
+    async def _provide(self, keys: list[str]) -> None:
+        """Find each key's k closest nodes, then tell each node all its keys in few datagrams."""
+        limit = DeferredSemaphore(PROVIDE_CONCURRENCY)
+        targets = {key_id(key) for key in keys}
+        closest: dict[bytes, list[Contact]] = {}
+
+        def find(target: bytes) -> Deferred[None]:
+            search = Search(self.protocol, target, find_providers=False, want=0)
+            return search.start().addCallback(lambda found: closest.__setitem__(target, found))
+
+        await DeferredList([limit.run(find, target) for target in targets], consumeErrors=True)
+        by_contact: dict[Contact, list[bytes]] = defaultdict(list)
+        for target, contacts in closest.items():
+            for contact in contacts:
+                by_contact[contact].append(target)
+            self._stored_at.setdefault(target, set()).update(contacts)
+        sends = [
+            self.protocol.request(contact, AddProvider(batch))
+            for contact, targets_of_contact in by_contact.items()
+            for batch in split_keys(targets_of_contact)
+        ]
+        await DeferredList(sends, consumeErrors=True)
+
+    def withdraw(self, keys: Iterable[str]) -> Deferred[None]:
+        by_contact: dict[Contact, list[bytes]] = defaultdict(list)
+        for key in keys:
+            self._advertised.discard(key)
+            target = key_id(key)
+            for contact in self._stored_at.pop(target, ()):
+                by_contact[contact].append(target)
+        sends = [
+            self.protocol.request(contact, RemoveProvider(batch))
+            for contact, targets in by_contact.items()
+            for batch in split_keys(targets)
+        ]
+        return DeferredList(sends, consumeErrors=True).addCallback(lambda _: None)
+
+    # Periodic work
+
+    async def _republish(self) -> None:
+        if self._advertised:
+            await self._provide(sorted(self._advertised))
+
+    async def _maintain(self) -> None:
+        self.protocol.expire_records()
+
+    async def _refresh(self) -> None:
+        now = self._clock.seconds()
+        for target in self.protocol.table.stale_buckets(now, self._refresh_interval):
+            await Search(self.protocol, target, find_providers=False, want=0).start()
