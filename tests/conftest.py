@@ -9,12 +9,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from subprocess import Popen
+from typing import Any
 
 import pytest
+import yaml
 
 from tests.support.containerd import Containerd, running_containerd
 from tests.support.ociimage import SyntheticImage, build_image
 from tests.support.processes import free_port, start_process, stop_process, wait_for_http
+from tests.support.registry import DockerRegistry
 
 ROOT = Path(__file__).resolve().parent.parent
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -39,8 +42,25 @@ def containerd(
 ) -> Iterator[Containerd]:
     """Debian's containerd on its own root, holding ``demo_image`` in ``k8s.io``."""
     require("containerd", "ctr")
-    with running_containerd(tmp_path_factory.mktemp("containerd"), demo_image.archive) as instance:
+    base = tmp_path_factory.mktemp("containerd")
+    with running_containerd(base, demo_image.archive, demo_image.name) as instance:
         yield instance
+
+
+@pytest.fixture(scope="session")
+def docker_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerRegistry]:
+    """An empty upstream registry at ``docker_registry.address`` (plain HTTP, no auth).
+
+    Fill it with ``docker_registry.push(image)``; digests are preserved, so the
+    pushed tag names the image's index, as the imported image in containerd does.
+    """
+    require("docker-registry", "skopeo")
+    registry = DockerRegistry(tmp_path_factory.mktemp("docker-registry"))
+    try:
+        registry.start()
+        yield registry
+    finally:
+        registry.stop()
 
 
 @dataclass
@@ -51,7 +71,7 @@ class Node:
     port: int
     process: Popen[bytes]
     log_path: Path
-    config: dict[str, str]
+    config: dict[str, Any]
 
     @property
     def router_address(self) -> str:
@@ -85,7 +105,7 @@ def spegel_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
     nodes: list[Node] = []
 
     def start(
-        containerd: Containerd, host: str = "127.0.0.1", wait_ready: bool = True, **extra: str
+        containerd: Containerd, host: str = "127.0.0.1", wait_ready: bool = True, **extra: Any
     ) -> Node:
         port = free_port(host)
         keys = {
@@ -99,7 +119,7 @@ def spegel_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
         workdir = tmp_path / f"node-{host}-{port}"
         workdir.mkdir()
         config = workdir / "node.yaml"
-        config.write_text("".join(f"{key}: {value!r}\n" for key, value in keys.items()))
+        config.write_text(yaml.safe_dump(keys, sort_keys=False))
         log_path = workdir / "spegel.log"
         command = [*TWISTD, "-n", "--pidfile=", "--logger", "spegel_tx.logs.json_observer"]
         process = start_process(

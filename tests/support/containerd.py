@@ -57,10 +57,18 @@ class Containerd:
         return self.process.pid if self.process is not None else None
 
     def start(self, timeout: float = 30.0) -> None:
+        """Start and wait until ``ctr version`` answers; a containerd that never does is stopped."""
         self.process = start_process(["containerd", "--config", str(self.config)], self.log_path)
+        try:
+            self._wait_answering(self.process, timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_answering(self, process: subprocess.Popen[bytes], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            if process.poll() is not None:
                 raise RuntimeError(f"containerd exited:\n{log_tail(self.log_path)}")
             answer = subprocess.run(
                 ["ctr", "--address", self.address, "version"], capture_output=True, timeout=10
@@ -68,7 +76,7 @@ class Containerd:
             if answer.returncode == 0:
                 return
             time.sleep(0.1)
-        raise RuntimeError(f"containerd did not answer in time:\n{log_tail(self.log_path)}")
+        raise RuntimeError(f"containerd did not answer in {timeout}s:\n{log_tail(self.log_path)}")
 
     def stop(self) -> None:
         if self.process is not None:
@@ -97,12 +105,18 @@ class Containerd:
 
 
 @contextmanager
-def running_containerd(base: Path, archive: Path) -> Iterator[Containerd]:
-    """A started containerd holding the image ``archive`` in ``k8s.io``; stopped on exit."""
+def running_containerd(base: Path, archive: Path, name: str | None = None) -> Iterator[Containerd]:
+    """A started containerd holding the image ``archive`` in ``k8s.io``; stopped on exit.
+
+    With ``name``, the import must have listed the image under that name.
+    """
     instance = Containerd(base)
-    instance.start()
     try:
+        instance.start()
         instance.ctr("images", "import", str(archive))
+        names = instance.ctr("images", "ls", "-q").split()
+        if name is not None and name not in names:
+            raise RuntimeError(f"import did not name the image {name}: {names}")
         yield instance
     finally:
         instance.stop()

@@ -1,0 +1,88 @@
+"""An upstream registry for tests: Debian's ``docker-registry`` on loopback, filled by skopeo."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from tests.support.ociimage import SyntheticImage
+from tests.support.processes import free_port, start_process, stop_process, wait_for_http
+
+CONFIG = """\
+version: 0.1
+log:
+  level: warn
+storage:
+  filesystem:
+    rootdirectory: {storage}
+  delete:
+    enabled: true
+http:
+  addr: {address}
+"""
+
+
+class DockerRegistry:
+    """One ``docker-registry serve`` process with filesystem storage under ``base``.
+
+    No auth and plain HTTP, like a registry on a private network; ``address``
+    is ``host:port`` as it appears in image references.
+    """
+
+    def __init__(self, base: Path, host: str = "127.0.0.1") -> None:
+        base.mkdir(parents=True, exist_ok=True)
+        self.host = host
+        self.port = free_port(host)
+        self.address = f"{host}:{self.port}"
+        self.url = f"http://{self.address}"
+        self.log_path = base / "registry.log"
+        self.config = base / "config.yml"
+        self.config.write_text(CONFIG.format(storage=base / "storage", address=self.address))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def start(self, timeout: float = 20.0) -> None:
+        self.process = start_process(["docker-registry", "serve", str(self.config)], self.log_path)
+        wait_for_http(f"{self.url}/v2/", self.process, self.log_path, timeout)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+        self.process = None
+
+    def push(
+        self, image: SyntheticImage, repository: str | None = None, tag: str | None = None
+    ) -> str:
+        """Copy ``image`` here with its digests unchanged; returns the pushed reference."""
+        reference = f"{self.address}/{repository or image.repository}:{tag or image.tag}"
+        push_layout(image, f"docker://{reference}")
+        return reference
+
+
+def push_layout(image: SyntheticImage, destination: str) -> None:
+    """``skopeo copy`` the image's OCI layout to ``destination`` (any skopeo transport).
+
+    ``--preserve-digests`` makes skopeo fail rather than re-compress or rewrite
+    a manifest, so what lands upstream is byte for byte what ``image`` holds.
+    ``--insecure-policy`` keeps the copy independent of /etc/containers/policy.json.
+    """
+    result = subprocess.run(
+        [
+            "skopeo",
+            "--insecure-policy",
+            "copy",
+            "--dest-tls-verify=false",
+            "--preserve-digests",
+            "--all",
+            f"oci:{image.layout_dir}:{image.tag}",
+            destination,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"skopeo copy to {destination} failed: {result.stderr}")
