@@ -16,9 +16,22 @@ offset bytes field
 end-32 32    HMAC-SHA256 of all before it (only with a cluster secret)
 ====== ===== =====================================================
 
-Bodies: an id is 32 bytes; a list is a 1-byte count then its items; an
-address is a family byte (4 or 6) then 4 or 16 bytes; a contact or provider
-is id + address + 2-byte port.
+Bodies: an id or key is 32 bytes; a list is a 1-byte count then its items;
+an address is a family byte (4 or 6) then 4 or 16 bytes; a contact or
+provider is id + address + 2-byte port.
+
+=============================== ==========================================
+type                            body
+=============================== ==========================================
+Ping, Pong, Ack                 (empty)
+FindNode, GetProviders          id
+Nodes                           count, contacts
+Providers                       count, providers, count, closer contacts
+AddProvider, RemoveProvider     count, keys
+=============================== ==========================================
+
+Hosts travel as raw addresses, so a decoded host is the canonical text of
+the address, without any IPv6 zone (a zone means nothing to another node).
 """
 
 from __future__ import annotations
@@ -30,7 +43,6 @@ import struct
 from collections.abc import Sequence
 
 from spegel_tx.routing.kademlia.messages import (
-    BODY_TYPES,
     ID_LENGTH,
     MAX_DATAGRAM,
     Ack,
@@ -52,77 +64,130 @@ from spegel_tx.routing.kademlia.messages import (
 
 MAGIC = b"SX"
 VERSION = 1
+TXID_LENGTH = 8
 _HEADER = struct.Struct(">2sBB8s32sHQ")
+_PORT = struct.Struct(">H")
 HEADER_SIZE = _HEADER.size
-TAG_SIZE = 32
-_WORST_ENTRY = ID_LENGTH + 1 + 16 + 2
-"""A contact or provider with an IPv6 address."""
+TAG_SIZE = hashlib.sha256().digest_size
+_ENTRY_FIXED = ID_LENGTH + 1 + _PORT.size
+"""A contact or provider without its address bytes: id, family byte, port."""
+_MIN_ENTRY = _ENTRY_FIXED + 4
+_MAX_COUNT = 255
+_BODY_ROOM = MAX_DATAGRAM - HEADER_SIZE - TAG_SIZE
+"""Body bytes left in an authenticated datagram: the worst case callers must plan for."""
 
-MAX_KEYS_PER_DATAGRAM = (MAX_DATAGRAM - HEADER_SIZE - TAG_SIZE - 1) // ID_LENGTH
-_MAX_ENTRIES = (MAX_DATAGRAM - HEADER_SIZE - TAG_SIZE - 2) // _WORST_ENTRY
+MAX_KEYS_PER_DATAGRAM = min(_MAX_COUNT, (_BODY_ROOM - 1) // ID_LENGTH)
+"""Keys in one AddProvider or RemoveProvider that fit even with a tag."""
 
 
 class DecodeError(Exception):
-    """A datagram we will not act on; ``reason`` is a short word for the drop counters."""
+    """A datagram we will not act on; ``reason`` is a short stable word for the drop counters."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
 
 
-def _address(host: str) -> bytes:
+# Encoding
+
+
+def _check_bytes(value: bytes, length: int, what: str) -> bytes:
+    # struct's "Ns" would silently pad or cut: a wrong length must not become another message.
+    if len(value) != length:
+        raise ValueError(f"{what} must be {length} bytes, not {len(value)}")
+    return value
+
+
+def _check_uint(value: int, bits: int, what: str) -> int:
+    if not 0 <= value < 1 << bits:
+        raise ValueError(f"{what} {value} does not fit {bits} unsigned bits")
+    return value
+
+
+def _packed(host: str) -> bytes:
     try:
-        ip = ipaddress.ip_address(host)
+        return ipaddress.ip_address(host).packed
     except ValueError:
         raise ValueError(f"{host!r} is not an IP address") from None
-    return bytes([ip.version]) + ip.packed
 
 
 def _entry(node_id: bytes, host: str, port: int) -> bytes:
-    return node_id + _address(host) + struct.pack(">H", port)
+    packed = _packed(host)
+    return (
+        _check_bytes(node_id, ID_LENGTH, "node id")
+        + bytes([4 if len(packed) == 4 else 6])
+        + packed
+        + _PORT.pack(_check_uint(port, 16, "port"))
+    )
 
 
-def _entries(items: Sequence[Contact] | Sequence[Provider]) -> bytes:
-    parts = [bytes([len(items)])]
-    for item in items:
-        port = item.port if isinstance(item, Contact) else item.registry_port
-        parts.append(_entry(item.node_id, item.host, port))
-    return b"".join(parts)
+def _count(items: Sequence[object]) -> bytes:
+    if len(items) > _MAX_COUNT:
+        raise ValueError(f"{len(items)} items do not fit a 1-byte count")
+    return bytes([len(items)])
+
+
+def _contacts(contacts: Sequence[Contact]) -> bytes:
+    return _count(contacts) + b"".join(_entry(c.node_id, c.host, c.port) for c in contacts)
+
+
+def _providers(providers: Sequence[Provider]) -> bytes:
+    entries = (_entry(p.node_id, p.host, p.registry_port) for p in providers)
+    return _count(providers) + b"".join(entries)
+
+
+def _keys(keys: Sequence[bytes]) -> bytes:
+    return _count(keys) + b"".join(_check_bytes(key, ID_LENGTH, "key") for key in keys)
 
 
 def _body(body: Body) -> bytes:
     if isinstance(body, FindNode):
-        return body.target
+        return _check_bytes(body.target, ID_LENGTH, "target")
     if isinstance(body, GetProviders):
-        return body.key
+        return _check_bytes(body.key, ID_LENGTH, "key")
     if isinstance(body, Nodes):
-        return _entries(body.contacts)
+        return _contacts(body.contacts)
     if isinstance(body, Providers):
-        return _entries(body.providers) + _entries(body.closer)
+        return _providers(body.providers) + _contacts(body.closer)
     if isinstance(body, AddProvider | RemoveProvider):
-        return bytes([len(body.keys)]) + b"".join(body.keys)
+        return _keys(body.keys)
     return b""
 
 
+def _tag(secret: bytes, data: bytes) -> bytes:
+    return hmac.new(secret, data, hashlib.sha256).digest()
+
+
 def encode(message: Message, secret: bytes | None = None) -> bytes:
+    """The datagram for ``message``, tagged when there is a secret.
+
+    ValueError if a field is out of range, a host is not an IP literal, or the
+    datagram would exceed MAX_DATAGRAM: callers split with ``split_keys`` and
+    the ``fit_*`` helpers, since IP fragments are often lost.
+    """
     header = message.header
     data = _HEADER.pack(
         MAGIC,
         VERSION,
         message.type,
-        header.txid,
-        header.sender_id,
-        header.registry_port,
-        header.timestamp_ms,
+        _check_bytes(header.txid, TXID_LENGTH, "txid"),
+        _check_bytes(header.sender_id, ID_LENGTH, "sender id"),
+        _check_uint(header.registry_port, 16, "registry port"),
+        _check_uint(header.timestamp_ms, 64, "timestamp"),
     ) + _body(message.body)
     if secret is not None:
-        data += hmac.new(secret, data, hashlib.sha256).digest()
+        data += _tag(secret, data)
     if len(data) > MAX_DATAGRAM:
         raise ValueError(f"{message.type.name} of {len(data)} bytes exceeds {MAX_DATAGRAM}")
     return data
 
 
+# Decoding
+
+
 class _Reader:
+    """Reads the body; every shortfall is a DecodeError, never an IndexError."""
+
     def __init__(self, data: bytes, position: int) -> None:
         self._data = data
         self._position = position
@@ -135,18 +200,30 @@ class _Reader:
         self._position = end
         return chunk
 
-    def count(self) -> int:
-        return self.take(1)[0]
+    def count(self, item_size: int) -> int:
+        """A list's count, refused early if even the smallest items could not all be there."""
+        count = self.take(1)[0]
+        if count * item_size > len(self._data) - self._position:
+            raise DecodeError("count")
+        return count
 
     def entry(self) -> tuple[bytes, str, int]:
         node_id = self.take(ID_LENGTH)
         family = self.take(1)[0]
         if family not in (4, 6):
             raise DecodeError("address")
-        packed = self.take(4 if family == 4 else 16)
-        host = str(ipaddress.ip_address(packed))
-        (port,) = struct.unpack(">H", self.take(2))
+        host = str(ipaddress.ip_address(self.take(4 if family == 4 else 16)))
+        (port,) = _PORT.unpack(self.take(_PORT.size))
         return node_id, host, port
+
+    def contacts(self) -> tuple[Contact, ...]:
+        return tuple(Contact(*self.entry()) for _ in range(self.count(_MIN_ENTRY)))
+
+    def providers(self) -> tuple[Provider, ...]:
+        return tuple(Provider(*self.entry()) for _ in range(self.count(_MIN_ENTRY)))
+
+    def keys(self) -> tuple[bytes, ...]:
+        return tuple(self.take(ID_LENGTH) for _ in range(self.count(ID_LENGTH)))
 
     def finish(self) -> None:
         if self._position != len(self._data):
@@ -165,30 +242,37 @@ def _decode_body(kind: MessageType, reader: _Reader) -> Body:
     if kind is MessageType.GET_PROVIDERS:
         return GetProviders(reader.take(ID_LENGTH))
     if kind is MessageType.NODES:
-        return Nodes(tuple(Contact(*reader.entry()) for _ in range(reader.count())))
+        return Nodes(reader.contacts())
     if kind is MessageType.PROVIDERS:
-        providers = tuple(Provider(*reader.entry()) for _ in range(reader.count()))
-        closer = tuple(Contact(*reader.entry()) for _ in range(reader.count()))
-        return Providers(providers, closer)
-    keys = tuple(reader.take(ID_LENGTH) for _ in range(reader.count()))
-    return AddProvider(keys) if kind is MessageType.ADD_PROVIDER else RemoveProvider(keys)
+        providers = reader.providers()
+        return Providers(providers, reader.contacts())
+    if kind is MessageType.ADD_PROVIDER:
+        return AddProvider(reader.keys())
+    return RemoveProvider(reader.keys())
 
 
 def decode(data: bytes, secret: bytes | None = None) -> Message:
-    """The message in ``data``, or DecodeError; no other exception, whatever the bytes."""
+    """The message in ``data``, or DecodeError; no other exception, whatever the bytes.
+
+    Magic and version are checked before the tag so that stray traffic and
+    version skew show as such in the counters even in an authenticated
+    cluster; nothing else is parsed before the tag is verified.
+    """
     if len(data) > MAX_DATAGRAM:
         raise DecodeError("oversize")
-    if len(data) < HEADER_SIZE + (TAG_SIZE if secret is not None else 0):
+    if len(data) < HEADER_SIZE:
         raise DecodeError("short")
-    if secret is not None:
-        data, tag = data[:-TAG_SIZE], data[-TAG_SIZE:]
-        if not hmac.compare_digest(tag, hmac.new(secret, data, hashlib.sha256).digest()):
-            raise DecodeError("auth")
     magic, version, kind, txid, sender_id, registry_port, timestamp_ms = _HEADER.unpack_from(data)
     if magic != MAGIC:
         raise DecodeError("magic")
     if version != VERSION:
         raise DecodeError("version")
+    if secret is not None:
+        if len(data) < HEADER_SIZE + TAG_SIZE:
+            raise DecodeError("auth")
+        data, tag = data[:-TAG_SIZE], data[-TAG_SIZE:]
+        if not hmac.compare_digest(tag, _tag(secret, data)):
+            raise DecodeError("auth")
     try:
         message_type = MessageType(kind)
     except ValueError:
@@ -196,8 +280,25 @@ def decode(data: bytes, secret: bytes | None = None) -> Message:
     reader = _Reader(data, HEADER_SIZE)
     body = _decode_body(message_type, reader)
     reader.finish()
-    assert BODY_TYPES[type(body)] is message_type
     return Message(Header(txid, sender_id, registry_port, timestamp_ms), body)
+
+
+# Filling datagrams
+
+
+def _entry_size(host: str) -> int:
+    return _ENTRY_FIXED + len(_packed(host))
+
+
+def _prefix_fitting(hosts: Sequence[str], room: int) -> tuple[int, int]:
+    """How many leading entries fit in ``room`` bytes, and the bytes they take."""
+    used = 0
+    for taken, host in enumerate(hosts):
+        size = _entry_size(host)
+        if taken == _MAX_COUNT or used + size > room:
+            return taken, used
+        used += size
+    return len(hosts), used
 
 
 def split_keys(keys: Sequence[bytes]) -> list[tuple[bytes, ...]]:
@@ -206,13 +307,18 @@ def split_keys(keys: Sequence[bytes]) -> list[tuple[bytes, ...]]:
     return [tuple(keys[i : i + step]) for i in range(0, len(keys), step)]
 
 
-def fit_contacts(contacts: tuple[Contact, ...]) -> tuple[Contact, ...]:
-    return contacts[:_MAX_ENTRIES]
+def fit_contacts(contacts: Sequence[Contact]) -> tuple[Contact, ...]:
+    """The leading contacts (closest first) that fit one authenticated Nodes datagram."""
+    taken, _ = _prefix_fitting([c.host for c in contacts], _BODY_ROOM - 1)
+    return tuple(contacts[:taken])
 
 
 def fit_providers(
-    providers: tuple[Provider, ...], closer: tuple[Contact, ...]
+    providers: Sequence[Provider], closer: Sequence[Contact]
 ) -> tuple[tuple[Provider, ...], tuple[Contact, ...]]:
-    """Providers matter more than closer nodes: closer nodes give way first."""
-    providers = providers[:_MAX_ENTRIES]
-    return providers, closer[: _MAX_ENTRIES - len(providers)]
+    """The leading providers and closer contacts that fit one authenticated Providers
+    datagram; providers answer the question, so closer contacts give way first."""
+    room = _BODY_ROOM - 2
+    taken_providers, used = _prefix_fitting([p.host for p in providers], room)
+    taken_closer, _ = _prefix_fitting([c.host for c in closer], room - used)
+    return tuple(providers[:taken_providers]), tuple(closer[:taken_closer])
