@@ -1,12 +1,16 @@
-"""Kademlia's routing table: k-buckets by shared-prefix length, least recently seen first."""
+"""Kademlia's routing table: k-buckets by shared-prefix length, least recently seen first.
+
+Pure bookkeeping: the caller passes the time and does the pinging, so the table
+can be tested without a reactor.
+"""
 
 from __future__ import annotations
 
+import heapq
 import os
 from collections import OrderedDict
 
 from spegel_tx.routing.kademlia.messages import ID_LENGTH, Contact
-from spegel_tx.routing.kademlia.node import distance
 
 BITS = ID_LENGTH * 8
 REPLACEMENTS = 8
@@ -14,37 +18,51 @@ REPLACEMENTS = 8
 
 
 class _Bucket:
+    """Contacts oldest first (the ones to ping before evicting), and a small cache of
+    newcomers that arrived while the bucket was full, newest last."""
+
     def __init__(self) -> None:
         self.contacts: OrderedDict[bytes, Contact] = OrderedDict()
         self.replacements: OrderedDict[bytes, Contact] = OrderedDict()
-        self.touched = 0.0
+        self.touched = float("-inf")
+        """When a contact or a lookup last landed here; never counts as stale."""
 
 
 class RoutingTable:
     def __init__(self, own_id: bytes, k: int = 20) -> None:
+        if len(own_id) != ID_LENGTH:
+            raise ValueError(f"a node id is {ID_LENGTH} bytes, not {len(own_id)}")
         self.own_id = own_id
         self.k = k
+        self._own = int.from_bytes(own_id, "big")
         self._buckets = [_Bucket() for _ in range(BITS)]
 
     def bucket_index(self, node_id: bytes) -> int:
-        """How many leading bits ``node_id`` shares with ours (0 to 255)."""
-        return BITS - distance(self.own_id, node_id).bit_length()
+        """How many leading bits ``node_id`` shares with ours: 0 (the far half of the
+        id space) to 255; our own id, which shares all 256, maps to 255 too."""
+        shared = BITS - (self._own ^ int.from_bytes(node_id, "big")).bit_length()
+        return min(shared, BITS - 1)
 
-    def _bucket(self, node_id: bytes) -> _Bucket:
-        return self._buckets[min(self.bucket_index(node_id), BITS - 1)]
+    def _bucket(self, node_id: bytes) -> _Bucket | None:
+        """None for ids of the wrong length, which belong in no bucket."""
+        if len(node_id) != ID_LENGTH:
+            return None
+        return self._buckets[self.bucket_index(node_id)]
 
     def seen(self, contact: Contact, now: float) -> Contact | None:
-        """Record a live contact; if its bucket is full, return the least recently seen
-        one for the caller to ping (Kademlia's ping-before-evict)."""
-        if contact.node_id == self.own_id or len(contact.node_id) != ID_LENGTH:
-            return None
+        """Record a live contact; if its bucket is full, keep it as a replacement and
+        return the least recently seen one for the caller to ping (Kademlia's
+        ping-before-evict: long-lived nodes are the likeliest to stay)."""
         bucket = self._bucket(contact.node_id)
+        if bucket is None or contact.node_id == self.own_id:
+            return None
         bucket.touched = now
         if contact.node_id in bucket.contacts:
             bucket.contacts[contact.node_id] = contact
             bucket.contacts.move_to_end(contact.node_id)
             return None
         if len(bucket.contacts) < self.k:
+            bucket.replacements.pop(contact.node_id, None)
             bucket.contacts[contact.node_id] = contact
             return None
         bucket.replacements[contact.node_id] = contact
@@ -54,27 +72,30 @@ class RoutingTable:
         return next(iter(bucket.contacts.values()))
 
     def failed(self, node_id: bytes) -> None:
-        """The contact stopped answering: its most recent replacement takes its place."""
-        if len(node_id) != ID_LENGTH:
-            return
+        """The contact did not answer: its bucket's most recent replacement takes its place."""
+        self.remove(node_id)
+
+    def remove(self, node_id: bytes) -> None:
+        """Forget a contact, in the bucket and among the replacements; a freed slot goes
+        to the most recent replacement, so replacements only wait while a bucket is full."""
         bucket = self._bucket(node_id)
+        if bucket is None:
+            return
+        bucket.replacements.pop(node_id, None)
         if bucket.contacts.pop(node_id, None) is not None and bucket.replacements:
             _, replacement = bucket.replacements.popitem(last=True)
             bucket.contacts[replacement.node_id] = replacement
 
-    def remove(self, node_id: bytes) -> None:
-        if len(node_id) == ID_LENGTH:
-            bucket = self._bucket(node_id)
-            bucket.contacts.pop(node_id, None)
-            bucket.replacements.pop(node_id, None)
-
     def get(self, node_id: bytes) -> Contact | None:
-        if len(node_id) != ID_LENGTH:
-            return None
-        return self._bucket(node_id).contacts.get(node_id)
+        bucket = self._bucket(node_id)
+        return None if bucket is None else bucket.contacts.get(node_id)
 
     def closest(self, target: bytes, count: int) -> list[Contact]:
-        return sorted(self.contacts(), key=lambda c: distance(c.node_id, target))[:count]
+        """Up to ``count`` contacts, nearest to ``target`` by XOR first (never ourselves)."""
+        goal = int.from_bytes(target, "big")
+        return heapq.nsmallest(
+            count, self.contacts(), key=lambda c: int.from_bytes(c.node_id, "big") ^ goal
+        )
 
     def contacts(self) -> list[Contact]:
         return [c for bucket in self._buckets for c in bucket.contacts.values()]
@@ -84,23 +105,30 @@ class RoutingTable:
 
     def touch(self, target: bytes, now: float) -> None:
         """A lookup towards ``target`` refreshes its bucket."""
-        self._bucket(target).touched = now
+        bucket = self._bucket(target)
+        if bucket is not None:
+            bucket.touched = now
 
     def stale_buckets(self, now: float, interval: float) -> list[bytes]:
         """A random id in each bucket nothing has touched for ``interval``: lookups
-        towards them keep distant parts of the table fresh."""
-        highest = max((i for i, b in enumerate(self._buckets) if b.contacts), default=-1)
+        towards them keep distant parts of the table fresh.
+
+        Only buckets up to the deepest one holding a contact count: deeper buckets
+        cover ids so close to ours that the network almost surely has none.
+        """
+        deepest = max((i for i, b in enumerate(self._buckets) if b.contacts), default=-1)
         return [
             self.random_id_in(index)
-            for index in range(highest + 1)
+            for index in range(deepest + 1)
             if now - self._buckets[index].touched >= interval
         ]
 
     def random_id_in(self, index: int) -> bytes:
-        """An id sharing exactly ``index`` leading bits with ours."""
-        own = int.from_bytes(self.own_id, "big")
+        """A random id sharing exactly ``index`` leading bits with ours."""
+        if not 0 <= index < BITS:
+            raise ValueError(f"bucket index {index} is outside 0..{BITS - 1}")
         flip = 1 << (BITS - 1 - index)
+        high = self._own & ~((flip << 1) - 1)
         low = int.from_bytes(os.urandom(ID_LENGTH), "big") & (flip - 1)
-        prefix = own & ~((flip << 1) - 1) if index else 0
-        value = prefix | ((own & flip) ^ flip) | low
+        value = high | ((self._own & flip) ^ flip) | low
         return value.to_bytes(ID_LENGTH, "big")
