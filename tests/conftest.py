@@ -16,7 +16,7 @@ import yaml
 
 from tests.support.containerd import Containerd, running_containerd
 from tests.support.ociimage import SyntheticImage, build_image
-from tests.support.processes import free_port, start_process, stop_process, wait_for_http
+from tests.support.processes import free_ports, start_process, stop_process, wait_for_http
 from tests.support.registry import DockerRegistry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,11 +107,11 @@ def spegel_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
     def start(
         containerd: Containerd, host: str = "127.0.0.1", wait_ready: bool = True, **extra: Any
     ) -> Node:
-        port = free_port(host)
+        port, router_port, metrics_port = free_ports(host, 3)
         keys = {
             "registry-addr": f"{host}:{port}",
-            "router-addr": f"{host}:{free_port(host)}",
-            "metrics-addr": f"{host}:{free_port(host)}",
+            "router-addr": f"{host}:{router_port}",
+            "metrics-addr": f"{host}:{metrics_port}",
             "containerd-sock": containerd.address,
             "containerd-namespace": containerd.namespace,
             "containerd-content-path": containerd.content_path,

@@ -15,9 +15,31 @@ from pathlib import Path
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on right now at ``host``."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(host, 1)[0]
+
+
+def free_ports(host: str, count: int) -> list[int]:
+    """``count`` distinct ports free at ``host`` for both TCP and UDP.
+
+    The sockets stay bound until all are chosen: the kernel may otherwise hand the
+    same port out twice in a row.
+    """
+    held: list[socket.socket] = []
+    try:
+        while len(held) < count:
+            tcp = socket.socket()
+            tcp.bind((host, 0))
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind((host, tcp.getsockname()[1]))
+                except OSError:
+                    tcp.close()
+                    continue
+            held.append(tcp)
+        return [int(sock.getsockname()[1]) for sock in held]
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def start_process(
