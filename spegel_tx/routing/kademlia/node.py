@@ -26,6 +26,11 @@ def distance(a: bytes, b: bytes) -> int:
     return int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
 
 
+def shared_prefix_length(a: bytes, b: bytes) -> int:
+    """How many leading bits two ids share: 256 for equal ids."""
+    return len(a) * 8 - distance(a, b).bit_length()
+
+
 def load_or_create_node_id(data_dir: str) -> bytes:
     """A node restarted with the same ``data-dir`` keeps its id, and so its place in the DHT.
 

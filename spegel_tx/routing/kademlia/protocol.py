@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import Deferred, TimeoutError, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
@@ -64,6 +64,10 @@ class RequestTimeout(TimeoutError):
     """A peer did not answer in time."""
 
 
+class RequestUnsendable(Exception):
+    """The datagram could not leave this node for that address."""
+
+
 class KademliaProtocol(DatagramProtocol):
     """Sends and answers DHT RPCs; knows nothing of lookups (see ``lookup.py``)."""
 
@@ -91,6 +95,8 @@ class KademliaProtocol(DatagramProtocol):
         self.counters: Counter[str] = Counter()
         self._pending: dict[bytes, tuple[Deferred[Message], IDelayedCall, tuple[str, int]]] = {}
         self._seen_txids: OrderedDict[bytes, None] = OrderedDict()
+        self._evicting: set[bytes] = set()
+        self.own_addresses: set[tuple[str, int]] = set()
         self.on_contact: Callable[[Contact], None] | None = None
 
     # Sending
@@ -111,10 +117,16 @@ class KademliaProtocol(DatagramProtocol):
         fails with RequestTimeout, after which the contact counts as failed."""
         txid = os.urandom(8)
         address = (contact.host, contact.port)
+        try:
+            self._send(Message(self._header(txid), body), address)
+        except (OSError, ValueError) as e:
+            # An address of the other family (a dual-stack headless Service), or a
+            # network the kernel cannot reach: that peer fails, the caller goes on.
+            self.counters["send_errors"] += 1
+            return fail(RequestUnsendable(f"{contact.host}:{contact.port}: {e}"))
         result: Deferred[Message] = Deferred(lambda _: self._forget(txid))
         timeout = self.clock.callLater(self.request_timeout, self._timed_out, txid, contact)
         self._pending[txid] = (result, timeout, address)
-        self._send(Message(self._header(txid), body), address)
         return result
 
     def _forget(self, txid: bytes) -> None:
@@ -155,6 +167,9 @@ class KademliaProtocol(DatagramProtocol):
     def _received(self, message: Message, address: tuple[str, int]) -> None:
         header = message.header
         if header.sender_id == self.node_id:
+            # Our own datagram came back: the address is ours (a bootstrap list or a
+            # headless Service usually names this node too).
+            self.own_addresses.add(address)
             self._drop("self")
             return
         if self.secret is not None and not self._fresh(header):
@@ -188,11 +203,13 @@ class KademliaProtocol(DatagramProtocol):
 
     def _contact_seen(self, contact: Contact) -> None:
         oldest = self.table.seen(contact, self.clock.seconds())
-        if oldest is not None:
-            # Ping before evicting: a live old contact keeps its place.
+        if oldest is not None and oldest.node_id not in self._evicting:
+            # Ping before evicting: a live old contact keeps its place. One ping at
+            # a time per contact, however many newcomers knock during it.
+            self._evicting.add(oldest.node_id)
             self.ping(oldest).addCallbacks(
                 lambda _: self.table.seen(oldest, self.clock.seconds()), lambda _: None
-            )
+            ).addBoth(lambda _: self._evicting.discard(oldest.node_id))
         if self.on_contact is not None:
             self.on_contact(contact)
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -17,12 +17,10 @@ from spegel_tx.routing.kademlia.codec import split_keys
 from spegel_tx.routing.kademlia.lookup import ProviderLookup, Search
 from spegel_tx.routing.kademlia.messages import AddProvider, Contact, RemoveProvider
 from spegel_tx.routing.kademlia.node import key_id
+from spegel_tx.routing.kademlia.placement import place
 from spegel_tx.routing.kademlia.protocol import KademliaProtocol
 
 _log = Logger()
-
-PROVIDE_CONCURRENCY = 16
-"""Node searches run at once while advertising many keys."""
 
 
 @implementer(IRouter)
@@ -49,6 +47,7 @@ class KademliaRouter(Service):
         self._refresh_interval = refresh_interval
         self._max_bootstrap_delay = max_bootstrap_delay
         self._bootstrap_delay = 0.5
+        self._unreachable_logged = False
         self._advertised: set[str] = set()
         self._stored_at: dict[bytes, set[Contact]] = {}
         self._searches: dict[bytes, Search] = {}
@@ -111,16 +110,27 @@ class KademliaRouter(Service):
 
     async def _join(self) -> None:
         peers = await self._bootstrapper.peers()
-        pings = [
-            self.protocol.ping(Contact(b"", host, port))
+        others = [
+            (host, port)
             for host, port in peers
-            if (host, port) != self._own_address()
+            if (host, port) not in self.protocol.own_addresses
+            and (host, port) != self._own_address()
         ]
+        pings = [self.protocol.ping(Contact(b"", host, port)) for host, port in others]
         await DeferredList(pings, consumeErrors=True)
         if self.ready():
+            self._unreachable_logged = False
             await Search(self.protocol, self.protocol.node_id, False, 0).start()
-        else:
-            _log.warn("no DHT peer answered among {count} bootstrap peers", count=len(pings))
+            return
+        # Our own ping, sent to an address we did not yet know as ours, is no failure.
+        unanswered = [address for address in others if address not in self.protocol.own_addresses]
+        if unanswered and not self._unreachable_logged:
+            # Once per streak: the backoff retries quietly until a peer answers.
+            self._unreachable_logged = True
+            _log.warn(
+                "no DHT peer answered among {count} bootstrap peers; retrying",
+                count=len(unanswered),
+            )
 
     def _own_address(self) -> tuple[str, int] | None:
         host = getattr(self.protocol.transport, "getHost", lambda: None)()
@@ -147,16 +157,9 @@ class KademliaRouter(Service):
         return Deferred.fromCoroutine(self._provide(keys))
 
     async def _provide(self, keys: list[str]) -> None:
-        """Find each key's k closest nodes, then tell each node all its keys in few datagrams."""
-        limit = DeferredSemaphore(PROVIDE_CONCURRENCY)
-        targets = {key_id(key) for key in keys}
-        closest: dict[bytes, list[Contact]] = {}
-
-        def find(target: bytes) -> Deferred[None]:
-            search = Search(self.protocol, target, find_providers=False, want=0)
-            return search.start().addCallback(lambda found: closest.__setitem__(target, found))
-
-        await DeferredList([limit.run(find, target) for target in targets], consumeErrors=True)
+        """Place every key on its k closest nodes, then tell each node all its keys in
+        few datagrams."""
+        closest = await place([key_id(key) for key in keys], self._closest_nodes, self.protocol.k)
         by_contact: dict[Contact, list[bytes]] = defaultdict(list)
         for target, contacts in closest.items():
             for contact in contacts:
@@ -168,6 +171,9 @@ class KademliaRouter(Service):
             for batch in split_keys(targets_of_contact)
         ]
         await DeferredList(sends, consumeErrors=True)
+
+    def _closest_nodes(self, target: bytes) -> Deferred[list[Contact]]:
+        return Search(self.protocol, target, find_providers=False, want=0).start()
 
     def withdraw(self, keys: Iterable[str]) -> Deferred[None]:
         by_contact: dict[Contact, list[bytes]] = defaultdict(list)

@@ -11,6 +11,7 @@ import os
 from collections import OrderedDict
 
 from spegel_tx.routing.kademlia.messages import ID_LENGTH, Contact
+from spegel_tx.routing.kademlia.node import shared_prefix_length
 
 BITS = ID_LENGTH * 8
 REPLACEMENTS = 8
@@ -40,8 +41,7 @@ class RoutingTable:
     def bucket_index(self, node_id: bytes) -> int:
         """How many leading bits ``node_id`` shares with ours: 0 (the far half of the
         id space) to 255; our own id, which shares all 256, maps to 255 too."""
-        shared = BITS - (self._own ^ int.from_bytes(node_id, "big")).bit_length()
-        return min(shared, BITS - 1)
+        return min(shared_prefix_length(self.own_id, node_id), BITS - 1)
 
     def _bucket(self, node_id: bytes) -> _Bucket | None:
         """None for ids of the wrong length, which belong in no bucket."""
