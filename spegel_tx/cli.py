@@ -1,20 +1,193 @@
-"""``spegel-tx``: one-shot commands beside the twistd daemon."""
+"""``spegel-tx``: one-shot commands beside the twistd daemon.
+
+``configuration`` and ``cleanup`` take Spegel's flags and environment variables
+(flag over environment over default), so a Spegel init container or hook keeps
+working when only the image changes.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TypeVar, cast
 
 from spegel_tx import __version__
+from spegel_tx.config import environment_name
+from spegel_tx.containerd import hostsconfig
+from spegel_tx.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/containerd/certs.d")
+_TRUE = ("1", "t", "true")
+_FALSE = ("0", "f", "false")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARN", "ERROR")
+T = TypeVar("T")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_bool(text: str) -> bool:
+    """What Go's strconv.ParseBool takes, as Spegel's ``--resolve-tags=false``."""
+    if text.lower() in _TRUE + _FALSE:
+        return text.lower() in _TRUE
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
+def parse_directory(text: str) -> Path:
+    """A path, never empty: an empty one would point at the working directory."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path is not a directory")
+    return Path(text)
+
+
+def parse_log_level(text: str) -> str:
+    if text.upper() not in _LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(_LOG_LEVELS)}")
+    return text.upper()
+
+
+def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spegel-tx", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("version", help="print the version and exit")
+
+    configuration = commands.add_parser(
+        "configuration",
+        help="write containerd's hosts.toml mirror configuration and exit",
+        description="Back up the registry config directory once into _backup, then write "
+        "<path>/<registry>/hosts.toml pointing each mirrored registry at the mirror targets.",
+    )
+    _add_common(configuration)
+    configuration.add_argument(
+        "--mirrored-registries",
+        nargs="*",
+        action="extend",
+        metavar="URL",
+        help="registries to mirror, space or comma separated (https://docker.io); "
+        "none, _default or * writes _default/hosts.toml for every registry "
+        "(env MIRRORED_REGISTRIES)",
+    )
+    configuration.add_argument(
+        "--mirror-targets",
+        nargs="+",
+        action="extend",
+        metavar="URL",
+        help="the mirrors, in the order containerd tries them (http://127.0.0.1:5000); "
+        "required (env MIRROR_TARGETS)",
+    )
+    configuration.add_argument(
+        "--resolve-tags",
+        nargs="?",
+        const=True,
+        type=parse_bool,
+        metavar="BOOL",
+        help="let the mirrors resolve tags (capability resolve); default true (env RESOLVE_TAGS)",
+    )
+    configuration.add_argument(
+        "--prepend-existing",
+        nargs="?",
+        const=True,
+        type=parse_bool,
+        metavar="BOOL",
+        help="keep a registry's existing hosts after the mirrors; default false "
+        "(env PREPEND_EXISTING)",
+    )
+
+    cleanup = commands.add_parser(
+        "cleanup",
+        help="restore the registry config directory from _backup and exit",
+        description="Put back what the directory held before the first `configuration`, "
+        "and remove _backup. Does nothing when there is no _backup.",
+    )
+    _add_common(cleanup)
+    return parser
+
+
+def _add_common(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--containerd-registry-config-path",
+        type=parse_directory,
+        metavar="DIR",
+        help=f"containerd's registry config_path; default {DEFAULT_CONFIG_PATH} "
+        "(env CONTAINERD_REGISTRY_CONFIG_PATH)",
+    )
+    command.add_argument(
+        "--log-level",
+        type=parse_log_level,
+        metavar="LEVEL",
+        help="INFO or DEBUG print each file written or restored; WARN or ERROR only errors "
+        "(env LOG_LEVEL)",
+    )
+
+
+def _setting(
+    args: argparse.Namespace,
+    key: str,
+    environ: Mapping[str, str],
+    parse: Callable[[str], T],
+    default: T,
+) -> T:
+    """The flag (argparse parsed it), else Spegel's environment variable, else ``default``."""
+    flag = getattr(args, key.replace("-", "_"))
+    if flag is not None:
+        return cast(T, flag)
+    text = environ.get(environment_name(key))
+    if not text:
+        return default
+    try:
+        return parse(text)
+    except argparse.ArgumentTypeError as e:
+        raise ConfigError(key, f"{e} (from {environment_name(key)})") from None
+
+
+def _list_setting(args: argparse.Namespace, key: str, environ: Mapping[str, str]) -> list[str]:
+    """Repeated, space or comma separated values, as Spegel's flags and variables take them."""
+    values: list[str] = _setting(args, key, environ, lambda text: [text], [])
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+def _run(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    verbose = _setting(args, "log-level", environ, parse_log_level, "INFO") in ("DEBUG", "INFO")
+    config_path = _setting(
+        args, "containerd-registry-config-path", environ, parse_directory, DEFAULT_CONFIG_PATH
+    )
+    if args.command == "cleanup":
+        restored = hostsconfig.cleanup_configuration(config_path)
+        if verbose:
+            done = "restored from" if restored else "nothing to restore: no"
+            print(f"{done} {config_path / hostsconfig.BACKUP_DIR}")
+        return
+    registries = hostsconfig.parse_mirrored_registries(
+        _list_setting(args, "mirrored-registries", environ)
+    )
+    targets = hostsconfig.parse_mirror_targets(_list_setting(args, "mirror-targets", environ))
+    written = hostsconfig.apply_configuration(
+        config_path,
+        registries,
+        targets,
+        resolve_tags=_setting(args, "resolve-tags", environ, parse_bool, True),
+        prepend_existing=_setting(args, "prepend-existing", environ, parse_bool, False),
+    )
+    if verbose:
+        for path in written:
+            print(f"wrote {path}")
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command == "version":
         print(f"spegel-tx {__version__}")
+        return 0
+    environ = os.environ if environ is None else environ
+    try:
+        _run(args, environ)
+    except ConfigError as e:
+        print(f"spegel-tx {args.command}: error: --{e.key}: {e.problem}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:
+        print(f"spegel-tx {args.command}: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
