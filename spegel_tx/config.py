@@ -171,6 +171,10 @@ class Config:
     registry_filters: tuple[re.Pattern[str], ...] = ()
     mirror_resolve_timeout: float = 0.020
     mirror_resolve_retries: int = 3
+    mirror_connect_timeout: float = 1.0
+    mirror_response_timeout: float = 2.0
+    mirror_idle_timeout: float = 5.0
+    mirror_peer_quarantine: float = 30.0
     data_dir: str = ""
     log_level: str = "INFO"
     debug_web_enabled: bool = False
@@ -193,6 +197,10 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "registry-filters": _parse_list(_parse_regex),
     "mirror-resolve-timeout": _parse_duration_value,
     "mirror-resolve-retries": _parse_int,
+    "mirror-connect-timeout": _parse_duration_value,
+    "mirror-response-timeout": _parse_duration_value,
+    "mirror-idle-timeout": _parse_duration_value,
+    "mirror-peer-quarantine": _parse_duration_value,
     "data-dir": _parse_str,
     "log-level": _parse_choice(_LOG_LEVELS),
     "debug-web-enabled": _parse_bool,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from treq.client import HTTPClient
 from twisted.application.internet import TCPServer, UDPServer
 from twisted.application.service import MultiService
 from twisted.names import client as dns_client
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
 from spegel_tx.config import Config, router_secret
@@ -15,11 +17,15 @@ from spegel_tx.debug import DebugPages
 from spegel_tx.interfaces import IBootstrapper
 from spegel_tx.registry.access import RegistrySite
 from spegel_tx.registry.app import Registry
+from spegel_tx.registry.mirror import Mirror, MirrorSettings
 from spegel_tx.routing.bootstrap import DNSBootstrapper, StaticBootstrapper
 from spegel_tx.routing.kademlia.node import load_or_create_node_id
 from spegel_tx.routing.kademlia.protocol import KademliaProtocol
 from spegel_tx.routing.kademlia.router import KademliaRouter
 from spegel_tx.state import StateTracker
+
+PEER_CONNECTIONS = 8
+"""Kept-alive connections per peer: containerd fetches a pull's layers in parallel."""
 
 
 def make_bootstrapper(config: Config, reactor: Any) -> IBootstrapper:
@@ -27,6 +33,21 @@ def make_bootstrapper(config: Config, reactor: Any) -> IBootstrapper:
         resolver = dns_client.createResolver()
         return DNSBootstrapper(resolver, config.dns_bootstrap_domain, config.router_addr.port)
     return StaticBootstrapper(reactor, config.static_bootstrap_peers)
+
+
+def make_mirror(config: Config, reactor: Any, router: KademliaRouter) -> Mirror:
+    """One persistent connection pool to all peers, so a pull's many blobs reuse connections."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = PEER_CONNECTIONS
+    agent = Agent(reactor, connectTimeout=config.mirror_connect_timeout, pool=pool)
+    settings = MirrorSettings(
+        resolve_timeout=config.mirror_resolve_timeout,
+        resolve_retries=config.mirror_resolve_retries,
+        response_timeout=config.mirror_response_timeout,
+        idle_timeout=config.mirror_idle_timeout,
+        quarantine=config.mirror_peer_quarantine,
+    )
+    return Mirror(reactor, router, HTTPClient(agent), settings)
 
 
 def make_service(config: Config, reactor: Any) -> MultiService:
@@ -69,6 +90,7 @@ def make_service(config: Config, reactor: Any) -> MultiService:
         config.mirrored_registries,
         config.registry_filters,
         router=router if has_peers else None,
+        mirror=make_mirror(config, reactor, router) if has_peers else None,
     )
     TCPServer(
         config.registry_addr.port,

@@ -21,6 +21,7 @@ class AccessLogRequest(Request):
     """
 
     handler = "-"
+    peer = "-"
 
     def process(self) -> None:
         self._started = time.monotonic()
@@ -37,14 +38,17 @@ class AccessLogRequest(Request):
             duration_ms=round((time.monotonic() - self._started) * 1000, 3),
             client=getattr(self.getClientAddress(), "host", "-"),
             handler=self.handler,
+            peer=self.peer,
             completed=result is None,
         )
 
 
-def set_handler(request: Any, handler: str) -> None:
-    """Name what served the request (``local``, later ``mirror``) in its log line."""
+def set_handler(request: Any, handler: str, peer: str = "-") -> None:
+    """Name what served the request (``local`` or ``mirror``, and the peer's
+    registry address) in its log line."""
     if isinstance(request, AccessLogRequest):
         request.handler = handler
+        request.peer = peer
 
 
 TLS_HANDSHAKE = b"\x16\x03"

@@ -30,6 +30,7 @@ from spegel_tx.oci.manifest import MANIFEST_MEDIA_TYPES
 from spegel_tx.oci.ranges import RangeNotSatisfiable, parse_range
 from spegel_tx.oci.reference import Reference, parse_reference, parse_repository, split_image_name
 from spegel_tx.registry.access import set_handler
+from spegel_tx.registry.mirror import MIRRORED_HEADER, Mirror, MirrorBodyFailed
 from spegel_tx.registry.streaming import send_blob
 
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
@@ -50,10 +51,12 @@ class Registry:
         mirrored_registries: Iterable[str] = (),
         registry_filters: Iterable[re.Pattern[str]] = (),
         router: IRouter | None = None,
+        mirror: Mirror | None = None,
     ) -> None:
         self._reactor = reactor
         self._store = store
         self._router = router
+        self._mirror = mirror
         self._mirrored_registries = frozenset(mirrored_registries)
         self._registry_filters = tuple(registry_filters)
 
@@ -83,14 +86,22 @@ class Registry:
         return b"{}"
 
     @app.route("/v2/<path:name>/manifests/<reference>", methods=["GET"])
-    async def manifest(self, request: Request, name: str, reference: str) -> bytes:
+    async def manifest(self, request: Request, name: str, reference: str) -> bytes | None:
         ref = parse_reference(_namespace(request), name, reference)
         self._check_registry(ref.registry)
-        digest = ref.digest or await self._resolve_tag(ref)
         try:
-            descriptor = await self._store.descriptor(digest)
-        except NotFound as e:
-            raise NotFound(f"manifest {reference} is not held here") from e
+            digest = ref.digest or await self._resolve_tag(ref)
+            try:
+                descriptor = await self._store.descriptor(digest)
+            except NotFound as e:
+                raise NotFound(f"manifest {reference} is not held here") from e
+        except (NotFound, Unavailable):
+            # A tag is a key only with its registry (ns); a digest always is.
+            key = ref.digest or (ref.name if ref.registry else None)
+            if key is None or not self._forwards(request):
+                raise
+            await self._forward(request, key, ref.digest, manifest=True)
+            return None
         if descriptor.media_type not in MANIFEST_MEDIA_TYPES:
             raise NotFound(f"{digest} is not a manifest")
         set_handler(request, "local")
@@ -109,7 +120,13 @@ class Registry:
         parse_repository(name)
         parse_digest(digest)
         self._check_registry(_namespace(request))
-        descriptor = await self._store.descriptor(digest)
+        try:
+            descriptor = await self._store.descriptor(digest)
+        except (NotFound, Unavailable):
+            if not self._forwards(request):
+                raise
+            await self._forward(request, digest, digest, manifest=False)
+            return
         set_handler(request, "local")
         _set_content_headers(request, descriptor)
         request.setHeader(b"accept-ranges", b"bytes")
@@ -139,6 +156,20 @@ class Registry:
         if request.method in (b"GET", b"HEAD"):
             raise werkzeug_NotFound()
         raise MethodNotAllowed()
+
+    def _forwards(self, request: Request) -> bool:
+        """A request a peer forwarded here is never forwarded again: no loops."""
+        return self._mirror is not None and request.getHeader(MIRRORED_HEADER) != b"true"
+
+    async def _forward(
+        self, request: Request, key: str, digest: str | None, manifest: bool
+    ) -> None:
+        assert self._mirror is not None
+        try:
+            await self._mirror.forward(request, key, digest, manifest)
+        except MirrorBodyFailed as e:
+            _log.info("forwarded body of {key} aborted: {error}", key=key, error=str(e))
+            await _abort(request)
 
     async def _resolve_tag(self, ref: Reference) -> str:
         if ref.registry is not None:

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import abstract
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IPushProducer, IReactorFDSet, IWriteDescriptor
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
@@ -238,3 +239,180 @@ class _BlobPump:
             self._done.callback(None)
         else:
             self._done.errback(reason)
+
+
+class PeerBodyBroken(Exception):
+    """A peer's response body stopped before its length: resume from another provider."""
+
+
+class PeerBodyRelay:
+    """Writes the bodies of one or more peer responses to the client, as one body.
+
+    A resumed transfer is a second response that continues where the first
+    broke off; the client sees only a pause. The client's backpressure pauses
+    whichever peer is sending now. With a ``hasher`` (hashlib) the latest chunk is kept
+    back until ``finish``, so a client is never handed a complete body whose
+    digest has not yet been checked.
+    """
+
+    def __init__(
+        self, clock: Any, request: Request, idle_timeout: float, hasher: Any | None = None
+    ) -> None:
+        self._clock = clock
+        self._request = request
+        self._idle_timeout = idle_timeout
+        self.hasher = hasher
+        self._held = b""
+        self._piece: _PeerPiece | None = None
+        self._paused = False
+        self.client_gone = False
+        self.received = 0
+        request.write(b"")  # the headers go out now, not with the first body byte
+        request.registerProducer(_ClientSide(self), True)
+        request.notifyFinish().addErrback(lambda _: self._client_went_away())
+
+    def pipe(self, response: Any, length: int) -> Deferred[None]:
+        """Relay ``length`` bytes of ``response``'s body; fails with PeerBodyBroken
+        (or ConnectionLost if the client went away) when they do not all arrive."""
+        if self.client_gone:
+            return fail(ConnectionLost("client went away"))
+        piece = self._piece = _PeerPiece(self, length)
+        response.deliverBody(piece)
+        return piece.done
+
+    def finish(self) -> None:
+        """Hand over the held-back chunk and let go of the client's transport."""
+        if self._held and not self.client_gone:
+            self._request.write(self._held)
+        self._held = b""
+        self._release()
+
+    def abandon(self) -> None:
+        self._held = b""
+        self._release()
+
+    def _release(self) -> None:
+        if self._request.producer is not None and self._request.channel is not None:
+            self._request.unregisterProducer()
+
+    def _take(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.hasher is not None:
+            self.hasher.update(data)
+        if self.client_gone:
+            return
+        if self.hasher is None:
+            self._request.write(data)
+            return
+        held, self._held = self._held, data
+        if held:
+            self._request.write(held)
+
+    def _pause(self) -> None:
+        self._paused = True
+        if self._piece is not None:
+            self._piece.pause()
+
+    def _resume(self) -> None:
+        self._paused = False
+        if self._piece is not None:
+            self._piece.resume()
+
+    def _client_went_away(self) -> None:
+        if self.client_gone:
+            return
+        self.client_gone = True
+        if self._piece is not None:
+            self._piece.stop(ConnectionLost("client went away"))
+
+
+@implementer(IPushProducer)
+class _ClientSide:
+    """The relay as the client's transport sees it: pause, resume, stop."""
+
+    def __init__(self, relay: PeerBodyRelay) -> None:
+        self._relay = relay
+
+    def pauseProducing(self) -> None:
+        self._relay._pause()
+
+    def resumeProducing(self) -> None:
+        self._relay._resume()
+
+    def stopProducing(self) -> None:
+        self._relay._client_went_away()
+
+
+class _PeerPiece(Protocol):
+    """Receives one peer response body, with an idle timeout between chunks."""
+
+    def __init__(self, relay: PeerBodyRelay, length: int) -> None:
+        self._relay = relay
+        self._remaining = length
+        self._idle: Any = None
+        self._paused = False
+        self.done: Deferred[None] = Deferred()
+
+    def _producer(self) -> IPushProducer:
+        """What ``deliverBody`` connects a body protocol to: the peer connection's producer."""
+        return cast(IPushProducer, self.transport)
+
+    def connectionMade(self) -> None:
+        if self._relay._paused:
+            self.pause()
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+        if not self._paused and not self.done.called:
+            self._idle = self._relay._clock.callLater(
+                self._relay._idle_timeout, self.stop, PeerBodyBroken("the peer stalled")
+            )
+
+    def pause(self) -> None:
+        """A slow client is not a stalled peer: no idle timeout while paused."""
+        self._paused = True
+        self._arm()
+        if self.transport is not None:
+            self._producer().pauseProducing()
+
+    def resume(self) -> None:
+        self._paused = False
+        self._arm()
+        if self.transport is not None:
+            self._producer().resumeProducing()
+
+    def stop(self, reason: Exception) -> None:
+        if self.done.called:
+            return
+        self._end(Failure(reason))
+        if self.transport is not None:
+            self._producer().stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        data = data[: self._remaining]
+        self._remaining -= len(data)
+        self._arm()
+        self._relay._take(data)
+        if self._remaining == 0:
+            self._end(None)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._remaining:
+            self._end(Failure(PeerBodyBroken(f"{self._remaining} bytes missing: {reason.value}")))
+        else:
+            self._end(None)
+
+    def _end(self, reason: Failure | None) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        if self.done.called:
+            return
+        if reason is None:
+            self.done.callback(None)
+        else:
+            self.done.errback(reason)

@@ -1,0 +1,343 @@
+"""Serve what this node lacks from a peer that holds it, or say 404 fast.
+
+containerd waits on the mirror before it falls back to the real registry, so
+every step is bounded: a lookup idle for ``resolve_timeout`` ends the search,
+each peer has a time to answer headers and an idle time on its body, and a
+peer slower than the learned hedge delay gets a second provider racing it.
+A body that breaks part-way resumes from the next provider with ``Range``;
+a full blob is hashed as it passes and cut off if its digest is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, cast
+
+from twisted.internet.defer import CancelledError, Deferred, DeferredQueue
+from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import UNKNOWN_LENGTH
+from twisted.web.server import Request
+
+from spegel_tx.errors import NotFound
+from spegel_tx.interfaces import ILookup, IRouter
+from spegel_tx.registry.access import set_handler
+from spegel_tx.registry.peers import Peer, PeerHealth
+from spegel_tx.registry.streaming import PeerBodyBroken, PeerBodyRelay
+
+_log = Logger()
+
+MIRRORED_HEADER = b"x-spegel-mirrored"
+"""Set on every forwarded request; a peer never forwards such a request again."""
+
+_COPIED_HEADERS = (
+    b"content-type",
+    b"docker-content-digest",
+    b"etag",
+    b"accept-ranges",
+    b"content-range",
+)
+_HEDGE = object()
+_DEADLINE = object()
+
+
+@dataclass(frozen=True)
+class MirrorSettings:
+    resolve_timeout: float = 0.020
+    """A lookup that finds no new provider for this long is over."""
+    resolve_retries: int = 3
+    """Providers tried, one after another or side by side, before a 404."""
+    response_timeout: float = 2.0
+    """From sending a request to a peer until its response headers."""
+    idle_timeout: float = 5.0
+    """Longest silence inside a peer's response body."""
+    manifest_budget: float = 3.0
+    """HEAD and manifest requests answer 404 once this has passed without a response."""
+    quarantine: float = 30.0
+    """How long a peer that refused, timed out or broke off is skipped."""
+    digest_quarantine: float = 600.0
+    """How long a peer that sent content with a wrong digest is skipped."""
+
+
+class MirrorBodyFailed(Exception):
+    """The body could not be completed after headers went out: the client must be cut off."""
+
+
+class _PeerTimedOut(Exception):
+    """A peer sent no response headers in time."""
+
+
+class _PeerAnswered(Exception):
+    """A peer answered with a status that is not content."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"answered {status}")
+        self.status = status
+
+
+class Mirror:
+    """Forwards to peers found through an ``IRouter`` with a treq-like ``client``."""
+
+    def __init__(
+        self,
+        clock: Any,
+        router: IRouter,
+        client: Any,
+        settings: MirrorSettings | None = None,
+        health: PeerHealth | None = None,
+    ) -> None:
+        self._clock = clock
+        self._router = router
+        self._client = client
+        self.settings = settings or MirrorSettings()
+        self.health = health or PeerHealth(clock, self.settings.quarantine)
+        self.counters: Counter[str] = Counter()
+
+    async def forward(self, request: Request, key: str, digest: str | None, manifest: bool) -> None:
+        """Answer ``request`` from a provider of ``key``, or raise NotFound.
+
+        ``digest`` is what a full body must hash to (None when only the peer's
+        own ``Docker-Content-Digest`` can say). Once the body has started, a
+        failure raises MirrorBodyFailed and the caller cuts the connection.
+        """
+        method = request.method.decode("ascii")
+        headers = {MIRRORED_HEADER: [b"true"]}
+        for name in (b"accept", b"range"):
+            value = request.getHeader(name)
+            if value is not None:
+                headers[name] = [value]
+        wanted = self.settings.resolve_retries + len(self.health.quarantined_peers())
+        lookup = self._router.lookup(key, wanted)
+        tried: set[Peer] = set()
+        budget = self.settings.manifest_budget if manifest or method == "HEAD" else None
+        try:
+            found = await self._first_response(lookup, tried, method, request.uri, headers, budget)
+            if found is None:
+                self.counters["not_found"] += 1
+                raise NotFound(f"no peer could serve {key}")
+            peer, response = found
+            self.counters["forwarded"] += 1
+            set_handler(request, "mirror", f"{peer[0]}:{peer[1]}")
+            request.setResponseCode(response.code)
+            for name in _COPIED_HEADERS:
+                for value in response.headers.getRawHeaders(name, []):
+                    request.setHeader(name, value)
+            if method == "HEAD":
+                length = response.headers.getRawHeaders(b"content-length", [None])[0]
+                if length is not None:
+                    request.setHeader(b"content-length", length)
+                return
+            request.setHeader(b"content-length", b"%d" % response.length)
+            if response.code == 200:
+                digest = digest or _header(response, b"docker-content-digest")
+            else:
+                digest = None
+            await self._relay(request, lookup, tried, peer, response, digest, headers)
+        finally:
+            lookup.cancel()
+
+    async def _relay(
+        self,
+        request: Request,
+        lookup: ILookup,
+        tried: set[Peer],
+        peer: Peer,
+        response: Any,
+        digest: str | None,
+        headers: dict[bytes, list[bytes]],
+    ) -> None:
+        hasher = hashlib.sha256() if digest and digest.startswith("sha256:") else None
+        relay = PeerBodyRelay(self._clock, request, self.settings.idle_timeout, hasher)
+        first = _range_start(response)
+        end = first + response.length
+        senders = [peer]
+        try:
+            while True:
+                try:
+                    await relay.pipe(response, end - first - relay.received)
+                    break
+                except PeerBodyBroken as e:
+                    self._failed(peer, Failure(e))
+                resume = {**headers, b"range": [b"bytes=%d-%d" % (first + relay.received, end - 1)]}
+                found = await self._first_response(lookup, tried, "GET", request.uri, resume, None)
+                if found is None:
+                    raise MirrorBodyFailed(f"no provider left to resume at byte {relay.received}")
+                peer, response = found
+                if response.code != 206 or _range_start(response) != first + relay.received:
+                    _discard(response)
+                    raise MirrorBodyFailed(f"{peer[0]}:{peer[1]} did not resume where asked")
+                self.counters["resumed"] += 1
+                senders.append(peer)
+            self.counters["bytes_from_peers"] += relay.received
+            if hasher is not None and f"sha256:{hasher.hexdigest()}" != digest:
+                self.counters["digest_mismatch"] += 1
+                for sender in senders:
+                    self.health.quarantine(sender, self.settings.digest_quarantine)
+                raise MirrorBodyFailed(f"content from {senders} does not match {digest}")
+            relay.finish()
+        except ConnectionLost:
+            relay.abandon()
+        except BaseException:
+            relay.abandon()
+            raise
+
+    async def _first_response(
+        self,
+        lookup: ILookup,
+        tried: set[Peer],
+        method: str,
+        uri: bytes,
+        headers: dict[bytes, list[bytes]],
+        budget: float | None,
+    ) -> tuple[Peer, Any] | None:
+        """The first provider to answer with content; slow ones are raced by the next."""
+        events: DeferredQueue[Any] = DeferredQueue()
+        live: dict[Peer, Deferred[Any]] = {}
+        deadline = self._clock.callLater(budget, events.put, _DEADLINE) if budget else None
+        exhausted = False
+        try:
+            while True:
+                if not live:
+                    peer = None if exhausted else await self._next_peer(lookup, tried)
+                    if peer is None:
+                        return None
+                    live[peer] = self._request(peer, method, uri, headers, events)
+                hedge = None
+                if not exhausted:
+                    hedge = self._clock.callLater(self.health.hedge_delay(), events.put, _HEDGE)
+                event = await events.get()
+                if hedge is not None and hedge.active():
+                    hedge.cancel()
+                if event is _DEADLINE:
+                    return None
+                if event is _HEDGE:
+                    peer = await self._next_peer(lookup, tried)
+                    if peer is None:
+                        exhausted = True
+                    else:
+                        self.counters["hedged"] += 1
+                        live[peer] = self._request(peer, method, uri, headers, events)
+                    continue
+                peer, response, failure = event
+                live.pop(peer, None)
+                if response is not None:
+                    return peer, response
+                self._failed(peer, failure)
+        finally:
+            if deadline is not None and deadline.active():
+                deadline.cancel()
+            for attempt in live.values():
+                attempt.cancel()
+            # A loser that answered while the winner was being taken: close it.
+            for event in events.pending:
+                if isinstance(event, tuple) and event[1] is not None:
+                    _discard(event[1])
+
+    async def _next_peer(self, lookup: ILookup, tried: set[Peer]) -> Peer | None:
+        while len(tried) < self.settings.resolve_retries:
+            idle = self._clock.callLater(self.settings.resolve_timeout, lookup.cancel)
+            try:
+                peer = await lookup.next_provider()
+            finally:
+                if idle.active():
+                    idle.cancel()
+            if peer is None:
+                return None
+            if peer in tried:
+                continue
+            if self.health.quarantined(peer):
+                self.counters["skipped_quarantined"] += 1
+                continue
+            tried.add(peer)
+            return peer
+        return None
+
+    def _request(
+        self,
+        peer: Peer,
+        method: str,
+        uri: bytes,
+        headers: dict[bytes, list[bytes]],
+        events: DeferredQueue[Any],
+    ) -> Deferred[Any]:
+        host = f"[{peer[0]}]" if ":" in peer[0] else peer[0]
+        url = f"http://{host}:{peer[1]}{uri.decode('latin-1')}"
+        started = self._clock.seconds()
+        attempt: Deferred[Any] = self._client.request(method, url, headers=headers, unbuffered=True)
+        timeout = self._clock.callLater(self.settings.response_timeout, attempt.cancel)
+
+        def answered(response: Any) -> Any:
+            if timeout.active():
+                timeout.cancel()
+            usable = response.code == 200 or (response.code == 206 and _range_start(response) >= 0)
+            if method != "HEAD" and response.length is UNKNOWN_LENGTH:
+                usable = False
+            if not usable:
+                _discard(response)
+                raise _PeerAnswered(response.code)
+            self.health.answered(self._clock.seconds() - started)
+            return response
+
+        def failed(failure: Failure) -> Failure:
+            if timeout.active():
+                timeout.cancel()
+            elif failure.check(CancelledError):
+                timeout_text = f"no response within {self.settings.response_timeout}s"
+                return Failure(_PeerTimedOut(timeout_text))
+            return failure
+
+        attempt.addCallbacks(answered, failed)
+        attempt.addCallbacks(
+            lambda response: events.put((peer, response, None)),
+            lambda failure: events.put((peer, None, failure)),
+        )
+        return attempt
+
+    def _failed(self, peer: Peer, failure: Failure) -> None:
+        """A 404 is one stale record; anything else makes the peer suspect for a while."""
+        reason = failure.value
+        if isinstance(reason, _PeerAnswered) and reason.status == 404:
+            self.counters["peer_not_found"] += 1
+        else:
+            self.counters["peer_failed"] += 1
+            self.health.quarantine(peer)
+        _log.info("peer {peer} failed: {reason}", peer=f"{peer[0]}:{peer[1]}", reason=str(reason))
+
+
+def _header(response: Any, name: bytes) -> str | None:
+    values = response.headers.getRawHeaders(name)
+    return values[0].decode("latin-1") if values else None
+
+
+def _range_start(response: Any) -> int:
+    """Where a 206 body starts in the content (-1 if it does not say); 0 for a whole body."""
+    if response.code != 206:
+        return 0
+    value = _header(response, b"content-range") or ""
+    first = value.removeprefix("bytes ").split("-", 1)[0]
+    return int(first) if first.isdigit() else -1
+
+
+SMALL_BODY = 64 * 1024
+"""Unwanted bodies up to this size are read to the end, keeping the connection for reuse."""
+
+
+class _Discard(Protocol):
+    """Takes a body nobody wants: reads a small one, cuts a large or unknown one off."""
+
+    def __init__(self, read: bool) -> None:
+        self._read = read
+
+    def connectionMade(self) -> None:
+        if not self._read and self.transport is not None:
+            cast(IPushProducer, self.transport).stopProducing()
+
+
+def _discard(response: Any) -> None:
+    small = response.length is not UNKNOWN_LENGTH and response.length <= SMALL_BODY
+    response.deliverBody(_Discard(read=small))
