@@ -28,6 +28,8 @@ class ImageEventKind(enum.Enum):
     CREATE = "create"
     UPDATE = "update"
     DELETE = "delete"
+    RESYNC = "resync"
+    """Events may have been missed (a new stream after a broken one): list everything again."""
 
 
 @dataclass(frozen=True)

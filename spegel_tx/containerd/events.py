@@ -129,6 +129,9 @@ class EventWatcher:
             return
         self._stream = stream
         self.subscriptions += 1
+        if self.subscriptions > 1:
+            # Whatever happened while no stream was open is known only by asking again.
+            self._deliver(ImageEvent(ImageEventKind.RESYNC, ""))
         self._thread = self._run_in_thread(lambda: self._consume(stream))
 
     def _consume(self, stream: Stream[Any]) -> None:

@@ -537,14 +537,15 @@ def test_events_reach_handlers_until_unsubscribed(client: FakeClient) -> None:
     store._reactor.advance(0.5)
     assert store.subscriptions == 2
     assert seen[1:] == [
+        ImageEvent(ImageEventKind.RESYNC, ""),
         ImageEvent(ImageEventKind.UPDATE, "a:1"),
         ImageEvent(ImageEventKind.DELETE, "a:1"),
-    ]
+    ], "a new stream after a broken one first says that events may have been missed"
     unsubscribe()
     unsubscribe()
     client.next_events = [envelope_payloads(("/images/create", "b:1"))]
     store._reactor.advance(0.5)
-    assert len(seen) == 3
+    assert len(seen) == 4
     store.stopService()
 
 
