@@ -8,7 +8,6 @@ from treq.client import HTTPClient
 from twisted.application.internet import TCPServer, UDPServer
 from twisted.application.service import MultiService
 from twisted.names import client as dns_client
-from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
 from spegel_tx.config import Config, router_secret
@@ -17,6 +16,7 @@ from spegel_tx.debug import DebugPages
 from spegel_tx.interfaces import IBootstrapper
 from spegel_tx.registry.access import RegistrySite
 from spegel_tx.registry.app import Registry
+from spegel_tx.registry.connections import peer_agent
 from spegel_tx.registry.mirror import Mirror, MirrorSettings
 from spegel_tx.routing.bootstrap import DNSBootstrapper, StaticBootstrapper
 from spegel_tx.routing.kademlia.node import load_or_create_node_id
@@ -37,9 +37,7 @@ def make_bootstrapper(config: Config, reactor: Any) -> IBootstrapper:
 
 def make_mirror(config: Config, reactor: Any, router: KademliaRouter) -> Mirror:
     """One persistent connection pool to all peers, so a pull's many blobs reuse connections."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = PEER_CONNECTIONS
-    agent = Agent(reactor, connectTimeout=config.mirror_connect_timeout, pool=pool)
+    agent = peer_agent(reactor, config.mirror_connect_timeout, PEER_CONNECTIONS)
     settings = MirrorSettings(
         resolve_timeout=config.mirror_resolve_timeout,
         resolve_retries=config.mirror_resolve_retries,

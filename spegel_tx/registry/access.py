@@ -10,6 +10,8 @@ from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.server import Request, Site
 
+from spegel_tx.registry.connections import enlarge_buffers
+
 _log = Logger(namespace="spegel_tx.access")
 
 
@@ -64,6 +66,10 @@ class RegistryChannel(http.HTTPChannel):
     """
 
     _first_bytes = True
+
+    def connectionMade(self) -> None:
+        enlarge_buffers(self.transport)
+        super().connectionMade()
 
     def dataReceived(self, data: bytes) -> None:
         if self._first_bytes:

@@ -1,0 +1,58 @@
+"""TCP connections sized for moving blobs.
+
+Twisted reads at most ``bufferSize`` bytes per readiness event and pauses a
+producer once that much waits to be written; its default, 64 KiB, makes a
+relay stop and start for every 64 KiB that passes. 1 MiB more than doubled
+the relay's throughput here (bench/pull.py), and larger sizes did worse.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.web.client import URI, Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
+
+TRANSFER_BUFFER = 1024 * 1024
+
+
+def enlarge_buffers(transport: Any) -> None:
+    """Give one connection TRANSFER_BUFFER; a transport without the knob keeps its own."""
+    if hasattr(transport, "bufferSize"):
+        transport.bufferSize = TRANSFER_BUFFER
+
+
+@implementer(IStreamClientEndpoint)
+class _EnlargedEndpoint:
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self._endpoint = endpoint
+
+    def connect(self, protocol_factory: IProtocolFactory) -> Deferred[IProtocol]:
+        def connected(protocol: IProtocol) -> IProtocol:
+            enlarge_buffers(getattr(protocol, "transport", None))
+            return protocol
+
+        return self._endpoint.connect(protocol_factory).addCallback(connected)
+
+
+@implementer(IAgentEndpointFactory)
+class _PeerEndpoints:
+    def __init__(self, reactor: Any, connect_timeout: float) -> None:
+        self._reactor = reactor
+        self._connect_timeout = connect_timeout
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        endpoint = HostnameEndpoint(self._reactor, uri.host, uri.port, self._connect_timeout)
+        return _EnlargedEndpoint(endpoint)
+
+
+def peer_agent(reactor: Any, connect_timeout: float, connections_per_peer: int) -> Agent:
+    """An Agent keeping connections to peers alive, each with large buffers."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = connections_per_peer
+    endpoints = _PeerEndpoints(reactor, connect_timeout)
+    return Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
