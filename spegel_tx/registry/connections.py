@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.web.client import URI, Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgentEndpointFactory
@@ -46,7 +47,18 @@ class _PeerEndpoints:
         self._connect_timeout = connect_timeout
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        endpoint = HostnameEndpoint(self._reactor, uri.host, uri.port, self._connect_timeout)
+        """Peers are IP addresses (from the DHT): connect to them directly.
+        HostnameEndpoint would wait its 0.3 s attempt delay before reporting
+        a refused connection, long enough for every request to a dead peer
+        to pay the hedge delay instead of failing over at once."""
+        host = uri.host.decode("ascii")
+        endpoint: IStreamClientEndpoint
+        if isIPAddress(host):
+            endpoint = TCP4ClientEndpoint(self._reactor, host, uri.port, self._connect_timeout)
+        elif isIPv6Address(host):
+            endpoint = TCP6ClientEndpoint(self._reactor, host, uri.port, self._connect_timeout)
+        else:
+            endpoint = HostnameEndpoint(self._reactor, uri.host, uri.port, self._connect_timeout)
         return _EnlargedEndpoint(endpoint)
 
 

@@ -1,7 +1,7 @@
 """Serve what this node lacks from a peer that holds it, or say 404 fast.
 
 containerd waits on the mirror before it falls back to the real registry, so
-every step is bounded: a lookup idle for ``resolve_timeout`` ends the search,
+every step is bounded: a lookup idle for ``resolve_timeout`` ends the wait,
 each peer has a time to answer headers and an idle time on its body, and a
 peer slower than the learned hedge delay gets a second provider racing it.
 A body that breaks part-way resumes from the next provider with ``Range``;
@@ -113,10 +113,10 @@ class Mirror:
                 headers[name] = [value]
         wanted = self.settings.resolve_retries + len(self.health.quarantined_peers())
         lookup = self._router.lookup(key, wanted)
-        tried: set[Peer] = set()
+        providers = _Providers(self._clock, lookup, self.health, self.settings, self.counters)
         budget = self.settings.manifest_budget if manifest or method == "HEAD" else None
         try:
-            found = await self._first_response(lookup, tried, method, request.uri, headers, budget)
+            found = await self._first_response(providers, method, request.uri, headers, budget)
             if found is None:
                 self.counters["not_found"] += 1
                 raise NotFound(f"no peer could serve {key}")
@@ -137,15 +137,14 @@ class Mirror:
                 digest = digest or _header(response, b"docker-content-digest")
             else:
                 digest = None
-            await self._relay(request, lookup, tried, peer, response, digest, headers)
+            await self._relay(request, providers, peer, response, digest, headers)
         finally:
             lookup.cancel()
 
     async def _relay(
         self,
         request: Request,
-        lookup: ILookup,
-        tried: set[Peer],
+        providers: _Providers,
         peer: Peer,
         response: Any,
         digest: str | None,
@@ -164,7 +163,7 @@ class Mirror:
                 except PeerBodyBroken as e:
                     self._failed(peer, Failure(e))
                 resume = {**headers, b"range": [b"bytes=%d-%d" % (first + relay.received, end - 1)]}
-                found = await self._first_response(lookup, tried, "GET", request.uri, resume, None)
+                found = await self._first_response(providers, "GET", request.uri, resume, None)
                 if found is None:
                     raise MirrorBodyFailed(f"no provider left to resume at byte {relay.received}")
                 peer, response = found
@@ -188,8 +187,7 @@ class Mirror:
 
     async def _first_response(
         self,
-        lookup: ILookup,
-        tried: set[Peer],
+        providers: _Providers,
         method: str,
         uri: bytes,
         headers: dict[bytes, list[bytes]],
@@ -203,7 +201,7 @@ class Mirror:
         try:
             while True:
                 if not live:
-                    peer = None if exhausted else await self._next_peer(lookup, tried)
+                    peer = None if exhausted else await providers.next()
                     if peer is None:
                         return None
                     live[peer] = self._request(peer, method, uri, headers, events)
@@ -216,7 +214,7 @@ class Mirror:
                 if event is _DEADLINE:
                     return None
                 if event is _HEDGE:
-                    peer = await self._next_peer(lookup, tried)
+                    peer = await providers.next()
                     if peer is None:
                         exhausted = True
                     else:
@@ -231,31 +229,14 @@ class Mirror:
         finally:
             if deadline is not None and deadline.active():
                 deadline.cancel()
-            for attempt in live.values():
+            for loser, attempt in live.items():
+                # Only raced, not failed: it may yet serve a resume of this body.
+                providers.give_back(loser)
                 attempt.cancel()
             # A loser that answered while the winner was being taken: close it.
             for event in events.pending:
                 if isinstance(event, tuple) and event[1] is not None:
                     _discard(event[1])
-
-    async def _next_peer(self, lookup: ILookup, tried: set[Peer]) -> Peer | None:
-        while len(tried) < self.settings.resolve_retries:
-            idle = self._clock.callLater(self.settings.resolve_timeout, lookup.cancel)
-            try:
-                peer = await lookup.next_provider()
-            finally:
-                if idle.active():
-                    idle.cancel()
-            if peer is None:
-                return None
-            if peer in tried:
-                continue
-            if self.health.quarantined(peer):
-                self.counters["skipped_quarantined"] += 1
-                continue
-            tried.add(peer)
-            return peer
-        return None
 
     def _request(
         self,
@@ -307,6 +288,85 @@ class Mirror:
             self.counters["peer_failed"] += 1
             self.health.quarantine(peer)
         _log.info("peer {peer} failed: {reason}", peer=f"{peer[0]}:{peer[1]}", reason=str(reason))
+
+
+class _Providers:
+    """The providers of one key for one forwarded request, as the lookup streams them.
+
+    Waiting for the next one gives up after ``resolve_timeout`` without ending
+    the lookup: a provider that turns up later, or one whose attempt was only
+    cancelled because another answered first, is still there for a resume.
+    """
+
+    def __init__(
+        self,
+        clock: Any,
+        lookup: ILookup,
+        health: PeerHealth,
+        settings: MirrorSettings,
+        counters: Counter[str],
+    ) -> None:
+        self._clock = clock
+        self._counters = counters
+        self._lookup = lookup
+        self._health = health
+        self._settings = settings
+        self._unused: list[Peer] = []
+        self._used: set[Peer] = set()
+        self._attempts = 0
+        self._asking = False
+        self._exhausted = False
+        self._waiter: Deferred[None] | None = None
+
+    def give_back(self, peer: Peer) -> None:
+        self._used.discard(peer)
+        self._attempts -= 1
+        self._unused.insert(0, peer)
+
+    async def next(self) -> Peer | None:
+        """The next provider to try, or None: retries spent, search over, or idle too long."""
+        while self._attempts < self._settings.resolve_retries:
+            while self._unused:
+                peer = self._unused.pop(0)
+                if peer in self._used:
+                    continue
+                if self._health.quarantined(peer):
+                    self._counters["skipped_quarantined"] += 1
+                    continue
+                self._used.add(peer)
+                self._attempts += 1
+                return peer
+            if self._exhausted:
+                return None
+            self._ask()
+            if self._unused or self._exhausted:
+                continue
+            waiter = self._waiter = Deferred()
+            idle = self._clock.callLater(self._settings.resolve_timeout, self._wake)
+            await waiter
+            if idle.active():
+                idle.cancel()
+            elif not self._unused:
+                return None
+        return None
+
+    def _ask(self) -> None:
+        if not self._asking and not self._exhausted:
+            self._asking = True
+            self._lookup.next_provider().addCallback(self._found)
+
+    def _found(self, peer: Peer | None) -> None:
+        self._asking = False
+        if peer is None:
+            self._exhausted = True
+        else:
+            self._unused.append(peer)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.callback(None)
 
 
 def _header(response: Any, name: bytes) -> str | None:

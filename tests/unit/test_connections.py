@@ -45,6 +45,8 @@ def test_the_peer_agent_connects_with_its_timeout_and_keeps_connections() -> Non
     agent = peer_agent(reactor, connect_timeout=1.5, connections_per_peer=8)
     agent.request(b"GET", b"http://127.0.0.2:5000/v2/")
     assert agent._pool.persistent and agent._pool.maxPersistentPerHost == 8
-    # (MemoryReactor's resolver answers 127.0.0.1 for every name.)
-    _, port, _, timeout, _ = reactor.tcpClients[0]
-    assert (port, timeout) == (5000, 1.5)
+    agent.request(b"GET", b"http://[fd00::2]:5001/v2/")
+    assert [(host, timeout, port) for host, port, _, timeout, _ in reactor.tcpClients] == [
+        ("127.0.0.2", 1.5, 5000),
+        ("fd00::2", 1.5, 5001),
+    ], "an IP is connected to directly, with the connect timeout"

@@ -352,6 +352,39 @@ def test_a_silent_peer_is_raced_by_the_next_after_the_hedge_delay(peers: Peers) 
     assert silent.requests[0]._disconnected, "the losing request is cancelled"
 
 
+class SlowOnce(Resource):
+    """A healthy peer registry whose first request gets no answer."""
+
+    isLeaf = True
+
+    def __init__(self, inner: Resource) -> None:
+        super().__init__()
+        self.inner = inner
+        self.requests = 0
+
+    def render(self, request: Any) -> Any:
+        self.requests += 1
+        if self.requests == 1:
+            return NOT_DONE_YET
+        return self.inner.render(request)
+
+
+def test_the_provider_that_lost_a_hedge_race_can_still_resume_the_body(peers: Peers) -> None:
+    slow = SlowOnce(peer_registry(LAYER))
+    peers.add("10.0.0.2:5000", slow)
+    peers.add("10.0.0.3:5000", Scripted(cut=100_000))
+    node = Node(peers, {LAYER_DIGEST: ["10.0.0.2:5000", "10.0.0.3:5000"]}, resolve_retries=2)
+
+    response_d = node.get(BLOB_PATH)
+    node.clock.advance(DEFAULT_HEDGE_DELAY)
+    node.settle()
+    response, body = node.body(response_d)
+
+    assert (response.code, body) == (200, LAYER)
+    assert peers.asked() == ["10.0.0.2:5000", "10.0.0.3:5000", "10.0.0.2:5000"]
+    assert peers.sent[2][2][b"range"] == [b"bytes=100000-%d" % (len(LAYER) - 1)]
+
+
 def test_a_peer_without_headers_in_time_fails_and_is_quarantined(peers: Peers) -> None:
     peers.add("10.0.0.2:5000", Scripted(hang=True))
     node = Node(peers, {LAYER_DIGEST: ["10.0.0.2:5000"]}, response_timeout=2.0)
