@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.cluster import MirrorCluster, running_cluster
 from tests.support.containerd import Containerd, running_containerd
 from tests.support.ociimage import SyntheticImage, build_image
 from tests.support.processes import free_ports, start_process, stop_process, wait_for_http
@@ -61,6 +62,20 @@ def docker_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docker
         yield registry
     finally:
         registry.stop()
+
+
+@pytest.fixture(scope="session")
+def mirror_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MirrorCluster]:
+    """Nodes A, B and C (127.0.0.31-33), each an empty private containerd with
+    ``twistd -n spegel`` beside it, all bootstrapping the DHT from A (A also
+    names B and C, to rejoin after a restart); their
+    containerd pulls through their own node (hosts.toml from ``spegel-tx
+    configuration``) and falls back to an upstream docker-registry on
+    127.0.0.30 holding a 105 MiB image ``big`` and small ``other`` and ``small``.
+    """
+    require("containerd", "ctr", "docker-registry", "skopeo")
+    with running_cluster(tmp_path_factory.mktemp("mirror-cluster")) as cluster:
+        yield cluster
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.ociimage import SyntheticImage
@@ -11,7 +13,7 @@ from tests.support.processes import free_port, start_process, stop_process, wait
 CONFIG = """\
 version: 0.1
 log:
-  level: warn
+  level: {log_level}
 storage:
   filesystem:
     rootdirectory: {storage}
@@ -22,6 +24,16 @@ http:
 """
 
 
+_ACCESS_LINE = re.compile(r'"(?P<method>[A-Z]+) (?P<uri>\S+) HTTP/[0-9.]+" (?P<status>\d{3}) ')
+
+
+@dataclass(frozen=True)
+class RegistryRequest:
+    method: str
+    uri: str
+    status: int
+
+
 class DockerRegistry:
     """One ``docker-registry serve`` process with filesystem storage under ``base``.
 
@@ -29,7 +41,7 @@ class DockerRegistry:
     is ``host:port`` as it appears in image references.
     """
 
-    def __init__(self, base: Path, host: str = "127.0.0.1") -> None:
+    def __init__(self, base: Path, host: str = "127.0.0.1", log_level: str = "warn") -> None:
         base.mkdir(parents=True, exist_ok=True)
         self.host = host
         self.port = free_port(host)
@@ -37,7 +49,9 @@ class DockerRegistry:
         self.url = f"http://{self.address}"
         self.log_path = base / "registry.log"
         self.config = base / "config.yml"
-        self.config.write_text(CONFIG.format(storage=base / "storage", address=self.address))
+        self.config.write_text(
+            CONFIG.format(storage=base / "storage", address=self.address, log_level=log_level)
+        )
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -52,6 +66,30 @@ class DockerRegistry:
         if self.process is not None:
             stop_process(self.process)
         self.process = None
+
+    def log_offset(self) -> int:
+        """Where the log ends now; pass it as ``since`` to ``requests``."""
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def requests(self, since: int = 0) -> list[RegistryRequest]:
+        """Every request the registry answered after ``since``, from its access log.
+
+        docker-registry writes one combined-format line per request whatever
+        its log level (``"GET /v2/... HTTP/1.1" 200 1234``).
+        """
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(since)
+                text = f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return []
+        return [
+            RegistryRequest(m["method"], m["uri"], int(m["status"]))
+            for m in _ACCESS_LINE.finditer(text)
+        ]
 
     def push(
         self, image: SyntheticImage, repository: str | None = None, tag: str | None = None
