@@ -1,0 +1,170 @@
+"""How much faster node B pulls an image through spegel-tx than from a slow upstream.
+
+    python3 bench/pull.py [--rounds 3]
+
+Needs root (tc), Debian's containerd, docker-registry, skopeo and curl. Starts
+the test suite's three-node cluster (tests/support/cluster.py: an upstream
+docker-registry on 127.0.0.30 holding a 105 MiB four-layer image, nodes A, B,
+C on 127.0.0.31-33), lets A pull the image, then times node B's containerd
+pulling it (``ctr images pull``, what CRI does), B's copy removed between pulls:
+
+  (a) straight from the upstream, limited to 100 Mbit/s by an htb class on the
+      loopback that shapes only what 127.0.0.30 sends;
+  (b) through B's spegel-tx, which forwards to A, with the upstream still limited;
+  (c) straight from the upstream, unlimited: containerd's own ingest speed.
+
+It prints the times (median of ``--rounds``), the improvement of (b) over (a)
+(Spegel publishes 81%), and (b)/(c), what spegel-tx adds to containerd's own
+time. Then the blob path alone: the 64 MiB layer fetched with curl from A (local,
+sendfile) and from B (forwarded from A), and B's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.support.cluster import UPSTREAM_HOST, MirrorCluster, running_cluster  # noqa: E402
+
+LIMIT = "100mbit"
+LIMITED_CLASS = "1:20"
+
+
+def tc(*args: str) -> None:
+    subprocess.run(["tc", *args], check=True, capture_output=True, text=True)
+
+
+@contextmanager
+def upstream_limited() -> Iterator[None]:
+    """Shape what the upstream sends to LIMIT with htb on the loopback.
+
+    Only packets from the upstream's address are classified; htb sends
+    unclassified packets (``default 0``) straight through, unshaped.
+    """
+    tc("qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb")
+    try:
+        tc(
+            "class", "add", "dev", "lo", "parent", "1:", "classid", LIMITED_CLASS,
+            "htb", "rate", LIMIT, "ceil", LIMIT,
+        )  # fmt: skip
+        tc(
+            "filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1",
+            "u32", "match", "ip", "src", f"{UPSTREAM_HOST}/32", "flowid", LIMITED_CLASS,
+        )  # fmt: skip
+        yield
+    finally:
+        tc("qdisc", "del", "dev", "lo", "root")
+
+
+def pull_direct(cluster: MirrorCluster) -> float:
+    """B's containerd pulls from the upstream itself: no hosts dir, no mirror."""
+    b = cluster.b
+    started = time.monotonic()
+    subprocess.run(
+        b.ctr_command("images", "pull", "--plain-http", cluster.big.name),
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return time.monotonic() - started
+
+
+def pull_through_spegel(cluster: MirrorCluster) -> float:
+    return cluster.b.pull(cluster.big.name, timeout=600)
+
+
+def timed_pulls(
+    cluster: MirrorCluster, pull: Callable[[MirrorCluster], float], rounds: int
+) -> list[float]:
+    times = []
+    for _ in range(rounds):
+        cluster.b.remove_image(cluster.big.name, cluster.big.digests)
+        times.append(pull(cluster))
+        if cluster.b.image_digest(cluster.big.name) != cluster.big.index_digest:
+            raise RuntimeError("B does not hold the image after the pull")
+    cluster.b.remove_image(cluster.big.name, cluster.big.digests)
+    return times
+
+
+def curl_speed(url: str) -> float:
+    """MB/s of one download to /dev/null."""
+    result = subprocess.run(
+        ["curl", "-sf", "-o", "/dev/null", "-w", "%{speed_download}", url],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return float(result.stdout) / 1e6
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure(cluster: MirrorCluster, rounds: int) -> None:
+    big = cluster.big
+    image_mib = sum(big.size(d) for d in big.digests) / (1 << 20)
+    print(f"image: {big.name}, {image_mib:.0f} MiB in {len(big.layer_digests)} layers")
+    cluster.a.pull(big.name)
+    deadline = time.monotonic() + 30
+    while cluster.a.address not in cluster.b.lookup(big.layer_digests[0]):
+        if time.monotonic() > deadline:
+            raise RuntimeError("A's advertisement never reached B")
+        time.sleep(0.2)
+
+    with upstream_limited():
+        limited = timed_pulls(cluster, pull_direct, min(rounds, 2))
+        since = cluster.upstream.log_offset()
+        mirrored = timed_pulls(cluster, pull_through_spegel, rounds)
+        upstream_blobs = [r for r in cluster.upstream.requests(since) if "/blobs/" in r.uri]
+    local = timed_pulls(cluster, pull_direct, rounds)
+
+    a, b, c = (statistics.median(t) for t in (limited, mirrored, local))
+    print(f"(a) upstream at {LIMIT}:       {a:6.2f} s  {[round(t, 2) for t in limited]}")
+    print(f"(b) through spegel-tx (from A): {b:6.2f} s  {[round(t, 2) for t in mirrored]}")
+    print(f"(c) upstream unlimited:         {c:6.2f} s  {[round(t, 2) for t in local]}")
+    print(f"improvement of (b) over (a): {100 * (1 - b / a):.1f}%  (Spegel 81%; target > 85%)")
+    print(f"(b)/(c): {b / c:.2f}  (target <= 1.10)")
+    print(f"blob requests the upstream saw during (b): {len(upstream_blobs)}")
+
+    layer = big.layer_digests[0]
+    local_speeds, forwarded_speeds = [], []
+    for _ in range(5):
+        local_speeds.append(curl_speed(cluster.blob_url(cluster.a, big, layer)))
+        forwarded_speeds.append(curl_speed(cluster.blob_url(cluster.b, big, layer)))
+    local_mbs, forwarded_mbs = statistics.median(local_speeds), statistics.median(forwarded_speeds)
+    print(f"blob of {big.size(layer) / (1 << 20):.0f} MiB with curl, median of 5:")
+    print(f"  local (A, sendfile):    {local_mbs:7.0f} MB/s")
+    print(f"  forwarded (B from A):   {forwarded_mbs:7.0f} MB/s")
+    print(f"  forwarded / local:      {forwarded_mbs / local_mbs:7.2f}")
+    if cluster.b.pid is not None:
+        print(f"B's spegel-tx peak RSS: {peak_rss_mib(cluster.b.pid):.0f} MiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="pulls per way (median)")
+    args = parser.parse_args()
+    with (
+        tempfile.TemporaryDirectory(prefix="spegel-bench-pull-") as base,
+        running_cluster(Path(base)) as cluster,
+    ):
+        measure(cluster, max(1, min(args.rounds, 10)))
+
+
+if __name__ == "__main__":
+    main()
