@@ -138,6 +138,7 @@ def measure(cluster: MirrorCluster, rounds: int) -> None:
     print(f"(b) through spegel-tx (from A): {b:6.2f} s  {[round(t, 2) for t in mirrored]}")
     print(f"(c) upstream unlimited:         {c:6.2f} s  {[round(t, 2) for t in local]}")
     print(f"improvement of (b) over (a): {100 * (1 - b / a):.1f}%  (Spegel 81%; target > 85%)")
+    print(f"  the most any mirror could gain here, 1 - (c)/(a): {100 * (1 - c / a):.1f}%")
     print(f"(b)/(c): {b / c:.2f}  (target <= 1.10)")
     print(f"blob requests the upstream saw during (b): {len(upstream_blobs)}")
 
