@@ -36,6 +36,7 @@ the address, without any IPv6 zone (a zone means nothing to another node).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -104,6 +105,13 @@ def _check_uint(value: int, bits: int, what: str) -> int:
     return value
 
 
+# A node talks to a bounded set of peers, and each answer lists up to 20 of them: parsing
+# their addresses with ``ipaddress`` and building their entries cost more than the rest of
+# a datagram, so both directions are cached. Values are immutable and failures are never
+# cached; the caches are bounded, so entries a stranger makes up only churn them.
+
+
+@functools.lru_cache(maxsize=4096)
 def _packed(host: str) -> bytes:
     try:
         return ipaddress.ip_address(host).packed
@@ -111,6 +119,12 @@ def _packed(host: str) -> bytes:
         raise ValueError(f"{host!r} is not an IP address") from None
 
 
+@functools.lru_cache(maxsize=4096)
+def _host_text(packed: bytes) -> str:
+    return str(ipaddress.ip_address(packed))
+
+
+@functools.lru_cache(maxsize=8192, typed=True)
 def _entry(node_id: bytes, host: str, port: int) -> bytes:
     packed = _packed(host)
     return (
@@ -125,6 +139,26 @@ def _count(items: Sequence[object]) -> bytes:
     if len(items) > _MAX_COUNT:
         raise ValueError(f"{len(items)} items do not fit a 1-byte count")
     return bytes([len(items)])
+
+
+@functools.lru_cache(maxsize=4096)
+def _contact_from(entry: bytes) -> Contact:
+    return Contact(*_parsed(entry))
+
+
+@functools.lru_cache(maxsize=4096)
+def _provider_from(entry: bytes) -> Provider:
+    return Provider(*_parsed(entry))
+
+
+def _parsed(entry: bytes) -> tuple[bytes, str, int]:
+    """An entry ``_Reader.entry`` has checked: id, family byte, address, port."""
+    port_at = len(entry) - _PORT.size
+    return (
+        entry[:ID_LENGTH],
+        _host_text(entry[ID_LENGTH + 1 : port_at]),
+        _PORT.unpack(entry[port_at:])[0],
+    )
 
 
 def _contacts(contacts: Sequence[Contact]) -> bytes:
@@ -207,20 +241,27 @@ class _Reader:
             raise DecodeError("count")
         return count
 
-    def entry(self) -> tuple[bytes, str, int]:
-        node_id = self.take(ID_LENGTH)
-        family = self.take(1)[0]
+    def entry(self) -> bytes:
+        """The bytes of one contact or provider, once its family and length are checked."""
+        data, start = self._data, self._position
+        family_at = start + ID_LENGTH
+        if family_at >= len(data):
+            raise DecodeError("truncated")
+        family = data[family_at]
         if family not in (4, 6):
             raise DecodeError("address")
-        host = str(ipaddress.ip_address(self.take(4 if family == 4 else 16)))
-        (port,) = _PORT.unpack(self.take(_PORT.size))
-        return node_id, host, port
+        port_at = family_at + 1 + (4 if family == 4 else 16)
+        end = port_at + _PORT.size
+        if end > len(data):
+            raise DecodeError("truncated")
+        self._position = end
+        return data[start:end]
 
     def contacts(self) -> tuple[Contact, ...]:
-        return tuple(Contact(*self.entry()) for _ in range(self.count(_MIN_ENTRY)))
+        return tuple(_contact_from(self.entry()) for _ in range(self.count(_MIN_ENTRY)))
 
     def providers(self) -> tuple[Provider, ...]:
-        return tuple(Provider(*self.entry()) for _ in range(self.count(_MIN_ENTRY)))
+        return tuple(_provider_from(self.entry()) for _ in range(self.count(_MIN_ENTRY)))
 
     def keys(self) -> tuple[bytes, ...]:
         return tuple(self.take(ID_LENGTH) for _ in range(self.count(ID_LENGTH)))
@@ -290,6 +331,10 @@ def _entry_size(host: str) -> int:
     return _ENTRY_FIXED + len(_packed(host))
 
 
+_SURELY_FIT = (_BODY_ROOM - 2) // (_ENTRY_FIXED + 16)
+"""Entries that fit whatever their family (22): k = 20 contacts always do, unmeasured."""
+
+
 def _prefix_fitting(hosts: Sequence[str], room: int) -> tuple[int, int]:
     """How many leading entries fit in ``room`` bytes, and the bytes they take."""
     used = 0
@@ -309,6 +354,8 @@ def split_keys(keys: Sequence[bytes]) -> list[tuple[bytes, ...]]:
 
 def fit_contacts(contacts: Sequence[Contact]) -> tuple[Contact, ...]:
     """The leading contacts (closest first) that fit one authenticated Nodes datagram."""
+    if len(contacts) <= _SURELY_FIT:
+        return tuple(contacts)
     taken, _ = _prefix_fitting([c.host for c in contacts], _BODY_ROOM - 1)
     return tuple(contacts[:taken])
 
@@ -318,6 +365,8 @@ def fit_providers(
 ) -> tuple[tuple[Provider, ...], tuple[Contact, ...]]:
     """The leading providers and closer contacts that fit one authenticated Providers
     datagram; providers answer the question, so closer contacts give way first."""
+    if len(providers) + len(closer) <= _SURELY_FIT:
+        return tuple(providers), tuple(closer)
     room = _BODY_ROOM - 2
     taken_providers, used = _prefix_fitting([p.host for p in providers], room)
     taken_closer, _ = _prefix_fitting([c.host for c in closer], room - used)

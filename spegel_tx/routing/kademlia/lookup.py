@@ -7,6 +7,7 @@ the same key share one set of datagrams however many callers wait on it.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, succeed
@@ -49,6 +50,10 @@ class Search:
         self.want = want
         self._alpha = alpha
         self._candidates: dict[bytes, Contact] = {}
+        self._distances: dict[bytes, int] = {}
+        self._ranked: list[tuple[int, bytes]] = []
+        """Candidates nearest first, kept in order as they come: every answer reads the
+        first k, and an answer names up to 20 (most of them already known)."""
         self._asked: set[bytes] = set()
         self._answered: dict[bytes, Contact] = {}
         self._in_flight = 0
@@ -66,7 +71,7 @@ class Search:
             for provider in protocol.providers_of(self.target):
                 self._found(provider)
         for contact in protocol.table.closest(self.target, protocol.k):
-            self._candidates[contact.node_id] = contact
+            self._add_candidate(contact)
         self._step()
         return self._finished
 
@@ -85,10 +90,26 @@ class Search:
         self.providers.append(provider)
         self._notify()
 
+    def _add_candidate(self, contact: Contact) -> bool:
+        """Whether ``contact`` is new to this search.
+
+        Not one that already failed: named again by a node that has not noticed it is
+        gone, it would take the place of a live one among the k closest.
+        """
+        if contact.node_id in self._candidates or contact.node_id in self._asked:
+            return False
+        away = distance(contact.node_id, self.target)
+        self._candidates[contact.node_id] = contact
+        self._distances[contact.node_id] = away
+        bisect.insort(self._ranked, (away, contact.node_id))
+        return True
+
+    def _distance(self, contact: Contact) -> int:
+        return self._distances[contact.node_id]
+
     def _closest_unfinished(self) -> list[Contact]:
         """The k closest known contacts that have not failed, nearest first."""
-        ranked = sorted(self._candidates.values(), key=lambda c: distance(c.node_id, self.target))
-        return ranked[: self._protocol.k]
+        return [self._candidates[node_id] for _, node_id in self._ranked[: self._protocol.k]]
 
     def _step(self) -> None:
         if self.done:
@@ -128,20 +149,22 @@ class Search:
         elif isinstance(body, Nodes):
             closer = body.contacts
         for candidate in closer:
-            if candidate.node_id != self._protocol.node_id:
-                self._candidates.setdefault(candidate.node_id, candidate)
+            if candidate.node_id != self._protocol.node_id and self._add_candidate(candidate):
+                self._protocol.heard_of(candidate)
         self._step()
 
     def _failed_by(self, failure: Failure, contact: Contact) -> None:
         self._in_flight -= 1
-        self._candidates.pop(contact.node_id, None)
+        if self._candidates.pop(contact.node_id, None) is not None:
+            place = (self._distances[contact.node_id], contact.node_id)
+            del self._ranked[bisect.bisect_left(self._ranked, place)]
         self._step()
 
     def _finish(self) -> None:
         if self.done:
             return
         self.done = True
-        answered = sorted(self._answered.values(), key=lambda c: distance(c.node_id, self.target))
+        answered = sorted(self._answered.values(), key=self._distance)
         self._finished.callback(answered[: self._protocol.k])
         self._notify()
 

@@ -12,6 +12,7 @@ region is known, each of its keys is placed exactly, without further searches.
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -55,31 +56,79 @@ def closest_among(target: bytes, contacts: Sequence[Contact], count: int) -> lis
     return heapq.nsmallest(count, contacts, key=lambda c: distance(c.node_id, target))
 
 
-async def nodes_in(region: Region, search: NodeSearch, k: int) -> list[Contact]:
-    """Every node of ``region`` that answers.
+class _TooCostly(Exception):
+    pass
+
+
+async def nodes_in(
+    region: Region, search: NodeSearch, k: int, limit: float = math.inf
+) -> list[Contact] | None:
+    """Every node of ``region`` that answers; None if finding them would take more than
+    ``limit`` searches.
 
     A search towards a point of the region returns its k closest nodes; if any
     of them lies outside, the region held fewer than k and all of them were
-    returned (they are closer than anything outside). Otherwise split in two.
+    returned (they are closer than anything outside). Otherwise split in two;
+    also when fewer than k came back, all inside: that is no proof of a small
+    network, since answers may still name nodes that have gone, in the place of
+    live ones. Nodes packed close together (or k = 1, where every region holding
+    a node splits) mean splitting down to the bits that tell them apart: up to
+    two searches for each of the 256 bits, hence the limit.
     """
+    searches = 0
+
+    async def counted(target: bytes) -> list[Contact]:
+        nonlocal searches
+        searches += 1
+        if searches > limit:
+            raise _TooCostly()
+        return await search(target)
+
+    try:
+        return await _nodes_in(region, counted, k)
+    except _TooCostly:
+        return None
+
+
+async def _nodes_in(region: Region, search: NodeSearch, k: int) -> list[Contact]:
     found = await search(region.middle())
-    if len(found) < k or any(c.node_id not in region for c in found) or region.length == BITS:
+    if not found or any(c.node_id not in region for c in found) or region.length == BITS:
         return [c for c in found if c.node_id in region]
     low, high = region.halves()
-    return await nodes_in(low, search, k) + await nodes_in(high, search, k)
+    return await _nodes_in(low, search, k) + await _nodes_in(high, search, k)
+
+
+def _opposite(node_id: bytes) -> bytes:
+    """The id farthest from ``node_id``: its k closest are the farthest nodes from it."""
+    return bytes(byte ^ 0xFF for byte in node_id)
+
+
+def _same_nodes(some: Sequence[Contact], others: Sequence[Contact]) -> bool:
+    return {c.node_id for c in some} == {c.node_id for c in others}
 
 
 async def place(keys: Sequence[bytes], search: NodeSearch, k: int) -> dict[bytes, list[Contact]]:
-    """The k closest live nodes of each key, with searches for a few keys only."""
+    """The k closest live nodes of each key, closest first, with searches for a few keys
+    only: far fewer than the keys when they are many, and never more than twice as many."""
     pending = sorted(set(keys))
     placement: dict[bytes, list[Contact]] = {}
     while pending:
         first = pending[0]
         closest = await search(first)
         if len(closest) < k:
-            # A network smaller than k + 1 nodes (or one answering poorly): everything
-            # that answered holds every remaining key.
-            return placement | {key: list(closest) for key in pending}
+            # Fewer than k answered: the whole network, or a neighbourhood whose nodes
+            # still name some that have gone in the place of live ones (then placing
+            # every key here would hide them all). Only a search from the far side of
+            # the id space meeting the very same nodes shows it is the whole network.
+            if (
+                not closest
+                or len(pending) == 1
+                or _same_nodes(closest, await search(_opposite(first)))
+            ):
+                return placement | {key: closest_among(key, closest, k) for key in pending}
+            placement[first] = closest
+            pending = pending[1:]
+            continue
         # The region where the farthest of the k closest still shares the prefix holds
         # at least k nodes. Sorted keys: those inside it come first.
         length = min(shared_prefix_length(first, closest[-1].node_id), BITS - 1)
@@ -91,9 +140,15 @@ async def place(keys: Sequence[bytes], search: NodeSearch, k: int) -> dict[bytes
             # The half holding ``first`` is nearer than that farthest node, so the search
             # already returned all of it; only the other half needs exploring.
             near, far = sorted(region.halves(), key=lambda half: first not in half)
-            members = [c for c in closest if c.node_id in near]
-            members += await nodes_in(far, search, k)
-            for key in pending[:inside]:
-                placement[key] = closest_among(key, members, k)
+            # Worth it only if cheaper than a search for each other key of the region.
+            rest = await nodes_in(far, search, k, limit=inside - 1)
+            if rest is None:
+                placement[first] = closest
+                for key in pending[1:inside]:
+                    placement[key] = await search(key)
+            else:
+                members = [c for c in closest if c.node_id in near] + rest
+                for key in pending[:inside]:
+                    placement[key] = closest_among(key, members, k)
         pending = pending[inside:]
     return placement

@@ -81,7 +81,11 @@ class KademliaProtocol(DatagramProtocol):
         request_timeout: float = 0.5,
         record_ttl: float = 19 * 60.0,
         max_keys_stored: int = 1_000_000,
+        randbytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
+        """``randbytes`` draws transaction ids and refresh targets: a simulation passes a
+        seeded one to be repeatable; a real node keeps ``os.urandom``, so that an off-path
+        sender cannot guess a pending transaction id."""
         self.clock = clock
         self.node_id = node_id
         self.registry_port = registry_port
@@ -90,12 +94,14 @@ class KademliaProtocol(DatagramProtocol):
         self.request_timeout = request_timeout
         self.record_ttl = record_ttl
         self.max_keys_stored = max_keys_stored
-        self.table = RoutingTable(node_id, k)
+        self.table = RoutingTable(node_id, k, randbytes)
+        self._randbytes = randbytes
         self.records: dict[bytes, dict[bytes, ProviderRecord]] = {}
         self.counters: Counter[str] = Counter()
         self._pending: dict[bytes, tuple[Deferred[Message], IDelayedCall, tuple[str, int]]] = {}
         self._seen_txids: OrderedDict[bytes, None] = OrderedDict()
         self._evicting: set[bytes] = set()
+        self._probing: set[bytes] = set()
         self.own_addresses: set[tuple[str, int]] = set()
         self.on_contact: Callable[[Contact], None] | None = None
 
@@ -115,7 +121,7 @@ class KademliaProtocol(DatagramProtocol):
     def request(self, contact: Contact, body: Body) -> Deferred[Message]:
         """Send ``body`` to ``contact``; the Deferred fires with the response message or
         fails with RequestTimeout, after which the contact counts as failed."""
-        txid = os.urandom(8)
+        txid = self._randbytes(8)
         address = (contact.host, contact.port)
         try:
             self._send(Message(self._header(txid), body), address)
@@ -200,6 +206,25 @@ class KademliaProtocol(DatagramProtocol):
         if len(self._seen_txids) > SEEN_TXIDS:
             self._seen_txids.popitem(last=False)
         return True
+
+    def heard_of(self, contact: Contact) -> None:
+        """A contact named in another node's answer: pinged if its bucket is empty.
+
+        Only nodes that talk to us enter the table, as Kademlia requires. But when
+        many nodes join at once, each one's searches reach only nodes as near as
+        itself, and a whole half of the id space can end up knowing nobody in the
+        other half of its side: searches there then stop short, at the wrong nodes.
+        A node named by someone else is the only way across; a ping lets it in.
+        """
+        node_id = contact.node_id
+        if (
+            node_id == self.node_id
+            or node_id in self._probing
+            or self.table.bucket_size(node_id) > 0
+        ):
+            return
+        self._probing.add(node_id)
+        self.ping(contact).addBoth(lambda _: self._probing.discard(node_id))
 
     def _contact_seen(self, contact: Contact) -> None:
         oldest = self.table.seen(contact, self.clock.seconds())
