@@ -14,10 +14,11 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
 from spegel_tx.routing.kademlia.codec import encode
-from spegel_tx.routing.kademlia.messages import Header, Message, Ping, Pong
-from spegel_tx.routing.kademlia.node import random_node_id
+from spegel_tx.routing.kademlia.messages import AddProvider, Contact, Header, Message, Ping, Pong
+from spegel_tx.routing.kademlia.node import key_id, random_node_id
 from spegel_tx.routing.kademlia.protocol import KademliaProtocol
-from spegel_tx.testing import SimulatedCluster
+from spegel_tx.routing.kademlia.router import KademliaRouter
+from spegel_tx.testing import FixedBootstrapper, MemoryUDPNetwork, SimulatedCluster
 
 
 def test_nodes_join_through_one_seed() -> None:
@@ -128,3 +129,45 @@ def test_replayed_authenticated_request_is_dropped() -> None:
     protocol.datagramReceived(datagram, ("10.0.0.1", 5001))
     protocol.datagramReceived(datagram, ("10.0.0.1", 5001))
     assert protocol.counters["dropped_replay"] == 1
+
+
+def test_keys_advertised_before_any_peer_answered_are_placed_once_one_does() -> None:
+    clock = Clock()
+    network = MemoryUDPNetwork(clock)
+    lonely = KademliaProtocol(clock, random_node_id(), registry_port=5000)
+    network.attach(lonely, "10.0.0.1", 5001)
+    router = KademliaRouter(clock, lonely, FixedBootstrapper([("10.0.0.2", 5001)]), 5001)
+    router.startService()
+    key = "docker.io/library/early:1"
+    router.advertise([key])
+    clock.advance(1)
+    assert not router.ready()
+
+    peer = KademliaProtocol(clock, random_node_id(), registry_port=5000)
+    network.attach(peer, "10.0.0.2", 5001)
+    for _ in range(600):  # the join is retried with backoff
+        clock.advance(0.1)
+
+    assert router.ready()
+    assert peer.providers_of(key_id(key)) != [], "the early advertisement reached the peer"
+    router.stopService()
+
+
+def test_a_store_that_times_out_does_not_evict_its_node() -> None:
+    clock = Clock()
+    network = MemoryUDPNetwork(clock)
+    protocol = KademliaProtocol(clock, random_node_id(), registry_port=5000)
+    network.attach(protocol, "10.0.0.1", 5001)
+    silent = Contact(random_node_id(), "10.0.0.9", 5001)
+    protocol.table.seen(silent, clock.seconds())
+    failures: list[object] = []
+
+    protocol.request(silent, AddProvider((key_id("a:1"),)), evicts=False).addErrback(
+        failures.append
+    )
+    clock.advance(protocol.request_timeout)
+    assert failures and silent in protocol.table.contacts()
+
+    protocol.ping(silent).addErrback(failures.append)
+    clock.advance(protocol.request_timeout)
+    assert silent not in protocol.table.contacts(), "an unanswered ping does evict"

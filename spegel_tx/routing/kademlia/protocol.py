@@ -9,6 +9,7 @@ raise out of ``datagramReceived``: bad datagrams are dropped and counted.
 from __future__ import annotations
 
 import os
+import socket
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +47,9 @@ from spegel_tx.routing.kademlia.messages import (
 from spegel_tx.routing.kademlia.table import RoutingTable
 
 _log = Logger()
+
+RECEIVE_BUFFER = 4 * 1024 * 1024
+"""Bytes the kernel may queue for the DHT socket (capped by net.core.rmem_max)."""
 
 REPLAY_WINDOW = 60.0
 """Authenticated datagrams older or newer than this many seconds are replays or forgeries."""
@@ -118,9 +122,11 @@ class KademliaProtocol(DatagramProtocol):
         self.counters["bytes_out"] += len(data)
         self.transport.write(data, address)
 
-    def request(self, contact: Contact, body: Body) -> Deferred[Message]:
+    def request(self, contact: Contact, body: Body, evicts: bool = True) -> Deferred[Message]:
         """Send ``body`` to ``contact``; the Deferred fires with the response message or
-        fails with RequestTimeout, after which the contact counts as failed."""
+        fails with RequestTimeout, after which the contact counts as failed unless
+        ``evicts`` is false (a store sent in a burst may time out in a full socket
+        buffer without its node being gone)."""
         txid = self._randbytes(8)
         address = (contact.host, contact.port)
         try:
@@ -131,7 +137,7 @@ class KademliaProtocol(DatagramProtocol):
             self.counters["send_errors"] += 1
             return fail(RequestUnsendable(f"{contact.host}:{contact.port}: {e}"))
         result: Deferred[Message] = Deferred(lambda _: self._forget(txid))
-        timeout = self.clock.callLater(self.request_timeout, self._timed_out, txid, contact)
+        timeout = self.clock.callLater(self.request_timeout, self._timed_out, txid, contact, evicts)
         self._pending[txid] = (result, timeout, address)
         return result
 
@@ -140,13 +146,24 @@ class KademliaProtocol(DatagramProtocol):
         if pending is not None and pending[1].active():
             pending[1].cancel()
 
-    def _timed_out(self, txid: bytes, contact: Contact) -> None:
+    def _timed_out(self, txid: bytes, contact: Contact, evicts: bool) -> None:
         pending = self._pending.pop(txid, None)
         if pending is None:
             return
         self.counters["timeouts"] += 1
-        self.table.failed(contact.node_id)
+        if evicts:
+            self.table.failed(contact.node_id)
         pending[0].errback(RequestTimeout(f"{contact.host}:{contact.port} did not answer"))
+
+    def startProtocol(self) -> None:
+        """A burst of answers (a peer advertising thousands of keys, or many peers
+        looking up at once) must not overflow the kernel's default 208 KiB buffer."""
+        handle = getattr(self.transport, "getHandle", lambda: None)()
+        if handle is not None:
+            try:
+                handle.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+            except OSError as e:
+                _log.warn("could not enlarge the DHT receive buffer: {error}", error=str(e))
 
     def ping(self, contact: Contact) -> Deferred[Message]:
         return self.request(contact, Ping())
