@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support.cluster import MirrorCluster, SpegelNode, poll, running_cluster  # noqa: E402
+from tests.support.cluster import MirrorCluster, SpegelNode, running_cluster  # noqa: E402
+from tests.support.processes import poll  # noqa: E402
 
 
 def step(text: str) -> None:

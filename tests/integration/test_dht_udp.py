@@ -1,10 +1,11 @@
 """The DHT over real UDP: five `twistd -n spegel` processes on 127.0.0.x find each other's keys."""
 
 import json
-import time
 import urllib.request
 
 import pytest
+
+from tests.support.processes import poll
 
 pytestmark = pytest.mark.integration
 
@@ -14,15 +15,6 @@ HOSTS = [f"127.0.0.{n}" for n in range(11, 16)]
 def get_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=10) as response:
         return json.loads(response.read())
-
-
-def poll(check, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(0.2)
 
 
 def test_five_nodes_find_each_others_keys(spegel_node, containerd, demo_image):

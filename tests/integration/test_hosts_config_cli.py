@@ -3,32 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.support.processes import free_port
+from tests.support.processes import free_port, spegel_tx_cli
 
 pytestmark = pytest.mark.integration
 
 MIRROR = "http://127.0.0.1:5000"
-
-
-def spegel_tx(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """The working tree's command line, as the console script runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "spegel_tx.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-    )
 
 
 def tree(root: Path) -> dict[str, bytes | None]:
@@ -61,14 +45,14 @@ def test_configuration_then_cleanup_twice_each_restores_the_directory(tmp_path):
         "--resolve-tags=true",
         "--prepend-existing=true",
     ]
-    first = spegel_tx(*args)
+    first = spegel_tx_cli(*args)
     assert first.returncode == 0, first.stderr
     assert first.stdout.splitlines() == [
         f"wrote {certs}/docker.io/hosts.toml",
         f"wrote {certs}/ghcr.io/hosts.toml",
     ]
     configured = tree(certs)
-    assert spegel_tx(*args).returncode == 0
+    assert spegel_tx_cli(*args).returncode == 0
     assert tree(certs) == configured, "a second run must change nothing"
 
     assert sorted(p.name for p in certs.iterdir()) == ["_backup", "docker.io", "ghcr.io"]
@@ -82,14 +66,14 @@ def test_configuration_then_cleanup_twice_each_restores_the_directory(tmp_path):
     )
 
     for expected in (f"restored from {certs}/_backup", f"nothing to restore: no {certs}/_backup"):
-        result = spegel_tx("cleanup", "--containerd-registry-config-path", str(certs))
+        result = spegel_tx_cli("cleanup", "--containerd-registry-config-path", str(certs))
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == expected
         assert tree(certs) == before
 
 
 def test_bad_input_exits_2_with_one_line_naming_the_flag(tmp_path):
-    result = spegel_tx(
+    result = spegel_tx_cli(
         "configuration",
         "--containerd-registry-config-path",
         str(tmp_path / "certs.d"),
@@ -109,7 +93,7 @@ def test_bad_input_exits_2_with_one_line_naming_the_flag(tmp_path):
 def test_a_directory_that_cannot_be_written_exits_1_with_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    result = spegel_tx(
+    result = spegel_tx_cli(
         "configuration",
         f"--containerd-registry-config-path={blocker}/certs.d",
         env={"MIRROR_TARGETS": MIRROR},
@@ -159,7 +143,7 @@ def test_ctr_pulls_through_the_mirror_the_generated_file_names(
     node = spegel_node(containerd, host="127.0.0.3", containerd_namespace=source)
     certs = tmp_path / "certs.d"
     registries = ["--mirrored-registries", f"http://{upstream}"] if mirrored == "upstream" else []
-    result = spegel_tx(
+    result = spegel_tx_cli(
         "configuration",
         f"--containerd-registry-config-path={certs}",
         *registries,
@@ -182,7 +166,7 @@ def test_without_resolve_tags_containerd_asks_the_upstream_for_the_tag(
     _, name, source, target = tagged_image
     node = spegel_node(containerd, host="127.0.0.3", containerd_namespace=source)
     certs = tmp_path / "certs.d"
-    result = spegel_tx(
+    result = spegel_tx_cli(
         "configuration",
         f"--containerd-registry-config-path={certs}",
         "--mirror-targets",

@@ -26,7 +26,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +40,8 @@ from tests.support.processes import (
     free_ports,
     kill_process,
     log_tail,
+    poll,
+    spegel_tx_cli,
     start_process,
     stop_process,
     wait_for_http,
@@ -58,28 +60,6 @@ BIG_LAYERS = (64 * MiB, 32 * MiB, 8 * MiB, 1 * MiB)
 """105 MiB in four layers; the 64 MiB one is long enough to kill a peer in the middle of it."""
 
 T = TypeVar("T")
-
-
-def poll(check: Callable[[], T], timeout: float, interval: float = 0.1) -> T:
-    """``check()`` until it returns something true or ``timeout`` passes; its last result."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() >= deadline:
-            return result
-        time.sleep(interval)
-
-
-def spegel_tx_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """The working tree's ``spegel-tx`` command line, as the console script runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "spegel_tx.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
 
 
 @dataclass(frozen=True)
