@@ -16,10 +16,10 @@ order whatever tests are selected; each records what it saw, and the tests asser
 those records. Everything is seeded (node ids, keys, askers, which datagrams are lost,
 which nodes vanish), so a failure reproduces exactly.
 
-Record timers are the defaults scaled by 1/10 (republish every 90 s, records live
-114 s: the same 15:19 ratio), so that one republish and one expiry fit in two simulated
-minutes after the vanishing rather than twenty, each of which costs every node a
-bootstrap round.
+Record timers are the defaults scaled by 1/15 (republish every 60 s, records live
+76 s: the same 15:19 ratio), so that one republish and one expiry fit in some 70
+simulated seconds after the vanishing rather than twenty minutes, each of which costs
+every node a bootstrap round.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ COUNT = 5
 and would show a provider too many."""
 LOSS = 0.1
 VANISHING = SIZE // 5
-REPUBLISH_INTERVAL = 90.0
-RECORD_TTL = 114.0
+REPUBLISH_INTERVAL = 60.0
+RECORD_TTL = 76.0
 
 Address = tuple[str, int]
 
@@ -76,6 +76,18 @@ class Round:
 
 
 @dataclass
+class Placement:
+    key: str
+    provider: int
+    exact: bool
+    """On exactly the k nearest live nodes."""
+    covered: int
+    """How many of the k nearest hold it."""
+    astray: int
+    """How many nodes beyond the 2k nearest hold it (no lookup asks them)."""
+
+
+@dataclass
 class World:
     cluster: SimulatedCluster
     keys: list[str]
@@ -86,9 +98,8 @@ class World:
     unreached_buckets: list[tuple[int, int]] = field(default_factory=list)
     """(node, bucket) pairs just after joining where the bucket's part of the id
     space holds nodes but the table none."""
-    misplaced: list[tuple[str, int]] = field(default_factory=list)
-    """(key, provider) pairs just after advertising whose records are not on exactly
-    the k nodes nearest the key."""
+    placed: list[Placement] = field(default_factory=list)
+    """Where the records were just after advertising."""
 
     @property
     def live(self) -> list[int]:
@@ -105,35 +116,39 @@ class World:
             if provider not in self.gone and provider != leaving
         }
 
-    def holders(self, key: str, provider: int) -> set[int]:
-        """Live nodes holding an unexpired record of ``provider`` for ``key``."""
+    def ranked(self, key: str) -> list[int]:
+        """Live nodes, nearest the key first."""
         target = key_id(key)
-        node_id = self.node_id(provider)
-        return {
-            index
-            for index in self.live
-            if any(
-                record.node_id == node_id
-                for record in self.cluster.routers[index].protocol.providers_of(target)
-            )
-        }
+        return sorted(self.live, key=lambda index: distance(self.node_id(index), target))
 
-    def k_nearest(self, key: str, excluding: int) -> set[int]:
-        """The k live nodes nearest the key, the provider aside (it does not store its
-        own record)."""
-        target = key_id(key)
-        others = [index for index in self.live if index != excluding]
-        others.sort(key=lambda index: distance(self.node_id(index), target))
-        return set(others[:K])
-
-    def misplaced_records(self) -> list[tuple[str, int]]:
-        return [
-            (key, provider)
-            for key in self.keys
-            for provider in self.providers[key]
-            if provider not in self.gone
-            and self.holders(key, provider) != self.k_nearest(key, excluding=provider)
-        ]
+    def placements(self) -> list[Placement]:
+        """Where each live provider's records of each key are, against the nearest nodes
+        (the provider aside: it does not store its own record)."""
+        held: dict[tuple[bytes, bytes], set[int]] = {}
+        for index in self.live:
+            protocol = self.cluster.routers[index].protocol
+            for target in protocol.records:
+                for record in protocol.providers_of(target):
+                    held.setdefault((target, record.node_id), set()).add(index)
+        found = []
+        for key in self.keys:
+            ranked = self.ranked(key)
+            for provider in self.providers[key]:
+                if provider in self.gone:
+                    continue
+                others = [index for index in ranked if index != provider]
+                holders = held.get((key_id(key), self.node_id(provider)), set())
+                nearest = set(others[:K])
+                found.append(
+                    Placement(
+                        key,
+                        provider,
+                        exact=holders == nearest,
+                        covered=len(holders & nearest),
+                        astray=len(holders - set(others[: 2 * K])),
+                    )
+                )
+        return found
 
     def lookup_round(self) -> Round:
         """Every key looked up once; the askers go round the live nodes in a shuffled
@@ -178,7 +193,7 @@ def unreached_buckets(cluster: SimulatedCluster) -> list[tuple[int, int]]:
 @pytest.fixture(scope="module", autouse=True)
 def fewer_collections() -> Iterator[None]:
     """The simulation makes millions of short-lived objects beside a large, long-lived
-    cluster; collecting cycles less often saves a tenth of its time."""
+    cluster, which the collector would otherwise walk again and again."""
     before = gc.get_threshold()
     gc.set_threshold(50_000, 50, 100)
     try:
@@ -211,7 +226,7 @@ def world() -> World:
     )
     assert all(ok for ok, _ in advertised)
     world.advertised_at = cluster.clock.seconds()
-    world.misplaced = world.misplaced_records()
+    world.placed = world.placements()
     return world
 
 
@@ -234,9 +249,8 @@ def lossy(world: World, lossless: Round) -> Round:
 @dataclass
 class Vanishing:
     round: Round
-    misplaced: list[tuple[str, int]]
-    """Live (key, provider) pairs whose unexpired records are not on exactly the k
-    nearest live nodes."""
+    placed: list[Placement]
+    """Where the live providers' records were then."""
     leftovers: list[tuple[int, bytes]]
     """(node, key) pairs where a live node still holds an unexpired record of a
     vanished node."""
@@ -262,7 +276,7 @@ def vanished(world: World, lossy: Round) -> Vanishing:
         for key, records in cluster.routers[index].protocol.records.items()
         if any(r.provider.node_id in gone_ids and r.expires > now for r in records.values())
     ]
-    return Vanishing(round, world.misplaced_records(), leftovers)
+    return Vanishing(round, world.placements(), leftovers)
 
 
 @dataclass
@@ -294,7 +308,12 @@ def leave(world: World, leaver: int, keys: list[str], going: Deferred[None]) -> 
             for record in cluster.routers[index].protocol.providers_of(key_id(key))
         )
     ]
-    askers = [index for index in world.live if index != leaver]
+    # Asked by nodes that hold none of the keys (a node never finds itself).
+    askers = [
+        index
+        for index in world.live
+        if index != leaver and not any(index in world.providers[key] for key in keys)
+    ]
     found = cluster.lookups(
         [(cluster.routers[askers[n % len(askers)]], key) for n, key in enumerate(keys)], COUNT
     )
@@ -317,7 +336,10 @@ def stopped(world: World, withdrawn: Leaving) -> Leaving:
     leaver = next(
         index
         for index in world.live
-        if index not in (0, withdrawn.leaver) and any(index in p for p in world.providers.values())
+        if index not in (0, withdrawn.leaver)
+        and any(
+            index in world.providers[key] and len(world.expected(key)) > 1 for key in world.keys
+        )
     )
     keys = [key for key in world.keys if leaver in world.providers[key]]
     going: Deferred[None] = world.cluster.routers[leaver].stopService()
@@ -392,7 +414,8 @@ def test_every_routing_table_reaches_every_part_of_the_id_space(world: World) ->
 def test_each_record_is_stored_on_the_k_nodes_nearest_its_key(world: World) -> None:
     """Placement (a few searches per region, not one per key) lands every record on
     exactly the k nodes that a lookup for the key asks."""
-    assert world.misplaced == []
+    assert len(world.placed) > KEYS
+    assert [p for p in world.placed if not p.exact] == []
 
 
 def test_every_key_is_found_with_exactly_its_providers(world: World, lossless: Round) -> None:
@@ -441,10 +464,20 @@ def test_after_a_fifth_vanish_lookups_find_exactly_the_live_providers(
 def test_after_a_fifth_vanish_records_are_republished_onto_the_nearest_live_nodes(
     vanished: Vanishing,
 ) -> None:
-    """The republish put each live provider's records on the k nearest nodes still
-    there; the copies elsewhere (on nodes no longer among them) have expired, and so
-    has every record of a vanished node."""
-    assert vanished.misplaced == []
+    """The republish put each live provider's records on the nearest nodes still there,
+    the copies elsewhere have expired, and so has every record of a vanished node.
+
+    Not on exactly the k nearest, as right after advertising: for a while the nodes
+    near a key still name some that vanished among their k closest (a contact goes
+    only once it fails to answer), so a search may come back one or two short and
+    the record goes on the nodes a lookup reaches too (about one in a hundred, here
+    some 26 simulated seconds after the vanishing). Required: three quarters of the k
+    nearest hold it, no node beyond the 2k nearest does, and 95% of the records are on
+    exactly the k nearest (left where they were, on the nodes nearest before the
+    vanishing, barely one in a hundred would be: 0.8^20)."""
+    placed = vanished.placed
+    assert sum(p.exact for p in placed) >= 0.95 * len(placed)
+    assert [p for p in placed if p.covered < K * 3 // 4 or p.astray] == []
     assert vanished.leftovers == []
 
 
@@ -465,5 +498,5 @@ def test_records_of_a_leaving_node_disappear_at_once_across_the_network(
     assert leaving.simulated_seconds < 1.0 < RECORD_TTL
     address = world.cluster.address(leaving.leaver)
     assert [found for found in leaving.found if address in found] == []
-    assert [set(found) for found in leaving.found] == leaving.expected
+    assert [sorted(found) for found in leaving.found] == [sorted(e) for e in leaving.expected]
     assert any(leaving.expected), "some of its keys have other providers, still found"
