@@ -245,6 +245,7 @@ class PeerBodyBroken(Exception):
     """A peer's response body stopped before its length: resume from another provider."""
 
 
+@implementer(IPushProducer)
 class PeerBodyRelay:
     """Writes the bodies of one or more peer responses to the client, as one body.
 
@@ -268,8 +269,8 @@ class PeerBodyRelay:
         self.client_gone = False
         self.received = 0
         request.write(b"")  # the headers go out now, not with the first body byte
-        request.registerProducer(_ClientSide(self), True)
-        request.notifyFinish().addErrback(lambda _: self._client_went_away())
+        request.registerProducer(self, True)
+        request.notifyFinish().addErrback(lambda _: self.stopProducing())
 
     def pipe(self, response: Any, length: int) -> Deferred[None]:
         """Relay ``length`` bytes of ``response``'s body; fails with PeerBodyBroken
@@ -308,39 +309,24 @@ class PeerBodyRelay:
         if held:
             self._request.write(held)
 
-    def _pause(self) -> None:
+    # The client's transport pauses, resumes and stops whichever peer is sending.
+
+    def pauseProducing(self) -> None:
         self._paused = True
         if self._piece is not None:
             self._piece.pause()
 
-    def _resume(self) -> None:
+    def resumeProducing(self) -> None:
         self._paused = False
         if self._piece is not None:
             self._piece.resume()
 
-    def _client_went_away(self) -> None:
+    def stopProducing(self) -> None:
         if self.client_gone:
             return
         self.client_gone = True
         if self._piece is not None:
             self._piece.stop(ConnectionLost("client went away"))
-
-
-@implementer(IPushProducer)
-class _ClientSide:
-    """The relay as the client's transport sees it: pause, resume, stop."""
-
-    def __init__(self, relay: PeerBodyRelay) -> None:
-        self._relay = relay
-
-    def pauseProducing(self) -> None:
-        self._relay._pause()
-
-    def resumeProducing(self) -> None:
-        self._relay._resume()
-
-    def stopProducing(self) -> None:
-        self._relay._client_went_away()
 
 
 class _PeerPiece(Protocol):
@@ -363,18 +349,27 @@ class _PeerPiece(Protocol):
         self._arm()
 
     def _arm(self) -> None:
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
-        self._idle = None
-        if not self._paused and not self.done.called:
+        """Start the idle timer, or push it back. Called for every chunk: pushing a
+        DelayedCall later (``reset``) only records the new time, where cancelling and
+        scheduling anew would reorder the reactor's timer heap each time."""
+        if self._paused or self.done.called:
+            self._disarm()
+        elif self._idle is not None and self._idle.active():
+            self._idle.reset(self._relay._idle_timeout)
+        else:
             self._idle = self._relay._clock.callLater(
                 self._relay._idle_timeout, self.stop, PeerBodyBroken("the peer stalled")
             )
 
+    def _disarm(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+
     def pause(self) -> None:
         """A slow client is not a stalled peer: no idle timeout while paused."""
         self._paused = True
-        self._arm()
+        self._disarm()
         if self.transport is not None:
             self._producer().pauseProducing()
 
@@ -408,8 +403,7 @@ class _PeerPiece(Protocol):
             self._end(None)
 
     def _end(self, reason: Failure | None) -> None:
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
+        self._disarm()
         if self.done.called:
             return
         if reason is None:
