@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 _SINGLE = re.compile(r"bytes=(\d*)-(\d*)")
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
 class RangeNotSatisfiable(Exception):
@@ -58,3 +59,10 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
         raise RangeNotSatisfiable(size)
     last = min(int(last_text), size - 1) if last_text else size - 1
     return ByteRange(first, last)
+
+
+def content_range_first(header: str | None) -> int | None:
+    """The first byte position a ``Content-Range: bytes a-b/size`` answer starts at,
+    or None when the header is missing or not of that form."""
+    match = _CONTENT_RANGE.fullmatch((header or "").strip())
+    return int(match.group(1)) if match else None

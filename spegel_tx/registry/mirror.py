@@ -26,6 +26,7 @@ from twisted.web.server import Request
 
 from spegel_tx.errors import NotFound
 from spegel_tx.interfaces import ILookup, IRouter
+from spegel_tx.oci.ranges import content_range_first
 from spegel_tx.registry.access import set_handler
 from spegel_tx.registry.peers import Peer, PeerHealth
 from spegel_tx.registry.streaming import PeerBodyBroken, PeerBodyRelay
@@ -378,9 +379,8 @@ def _range_start(response: Any) -> int:
     """Where a 206 body starts in the content (-1 if it does not say); 0 for a whole body."""
     if response.code != 206:
         return 0
-    value = _header(response, b"content-range") or ""
-    first = value.removeprefix("bytes ").split("-", 1)[0]
-    return int(first) if first.isdigit() else -1
+    first = content_range_first(_header(response, b"content-range"))
+    return -1 if first is None else first
 
 
 SMALL_BODY = 64 * 1024

@@ -141,6 +141,11 @@ class Node:
         registry = Registry(MemoryReactor(), MemoryStore(), router=router, mirror=self.mirror)
         self.client = StubTreq(registry.resource())
 
+    def advance(self, seconds: float) -> None:
+        """Let ``seconds`` pass, then deliver whatever that set moving."""
+        self.clock.advance(seconds)
+        self.settle()
+
     def settle(self, rounds: int = 20) -> None:
         for _ in range(rounds):
             self.client.flush()
@@ -265,11 +270,9 @@ def test_an_idle_lookup_ends_in_a_404_after_the_resolve_timeout(peers: Peers) ->
     node.mirror._router.lookup = lambda key, count: SilentLookup()  # type: ignore[method-assign]
 
     response_d = node.get(BLOB_PATH)
-    node.clock.advance(0.019)
-    node.settle()
+    node.advance(0.019)
     assert not fired(response_d), "still within mirror-resolve-timeout"
-    node.clock.advance(0.001)
-    node.settle()
+    node.advance(0.001)
     response, body = node.body(response_d)
 
     assert response.code == 404
@@ -342,8 +345,7 @@ def test_a_silent_peer_is_raced_by_the_next_after_the_hedge_delay(peers: Peers) 
 
     response_d = node.get(BLOB_PATH)
     assert peers.asked() == ["10.0.0.2:5000"]
-    node.clock.advance(DEFAULT_HEDGE_DELAY)
-    node.settle()
+    node.advance(DEFAULT_HEDGE_DELAY)
     response, body = node.body(response_d)
 
     assert (response.code, body) == (200, LAYER)
@@ -376,8 +378,7 @@ def test_the_provider_that_lost_a_hedge_race_can_still_resume_the_body(peers: Pe
     node = Node(peers, {LAYER_DIGEST: ["10.0.0.2:5000", "10.0.0.3:5000"]}, resolve_retries=2)
 
     response_d = node.get(BLOB_PATH)
-    node.clock.advance(DEFAULT_HEDGE_DELAY)
-    node.settle()
+    node.advance(DEFAULT_HEDGE_DELAY)
     response, body = node.body(response_d)
 
     assert (response.code, body) == (200, LAYER)
@@ -390,11 +391,9 @@ def test_a_peer_without_headers_in_time_fails_and_is_quarantined(peers: Peers) -
     node = Node(peers, {LAYER_DIGEST: ["10.0.0.2:5000"]}, response_timeout=2.0)
 
     response_d = node.get(BLOB_PATH)
-    node.clock.advance(1.9)
-    node.settle()
+    node.advance(1.9)
     assert not fired(response_d)
-    node.clock.advance(0.1)
-    node.settle()
+    node.advance(0.1)
     response, _ = node.body(response_d)
 
     assert response.code == 404
@@ -406,11 +405,9 @@ def test_head_and_manifests_answer_404_once_their_budget_is_spent(peers: Peers) 
     node = Node(peers, {NAME: ["10.0.0.2:5000"]}, response_timeout=60.0, manifest_budget=3.0)
 
     response_d = node.get(f"/v2/library/demo/manifests/v1?ns={NS}", "HEAD")
-    node.clock.advance(2.9)
-    node.settle()
+    node.advance(2.9)
     assert not fired(response_d)
-    node.clock.advance(0.1)
-    node.settle()
+    node.advance(0.1)
 
     assert result_of(response_d).code == 404
 
@@ -438,11 +435,9 @@ def test_a_stalled_body_resumes_after_the_idle_timeout(peers: Peers) -> None:
     response_d = node.get(BLOB_PATH)
     response = result_of(response_d)
     content = treq.content(response)
-    node.clock.advance(4.9)
-    node.settle()
+    node.advance(4.9)
     assert not fired(content), "a pause shorter than the idle timeout is waited out"
-    node.clock.advance(0.1)
-    node.settle()
+    node.advance(0.1)
 
     assert result_of(content) == LAYER
     assert peers.sent[1][2][b"range"] == [b"bytes=50000-%d" % (len(LAYER) - 1)]

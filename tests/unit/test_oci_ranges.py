@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spegel_tx.oci.ranges import ByteRange, RangeNotSatisfiable, parse_range
+from spegel_tx.oci.ranges import ByteRange, RangeNotSatisfiable, content_range_first, parse_range
 
 
 @pytest.mark.parametrize(
@@ -49,3 +49,23 @@ def test_any_satisfiable_range_lies_inside_the_content(size, first, span):
         return
     assert r is not None
     assert 0 <= r.first <= r.last < size
+
+
+@pytest.mark.parametrize(
+    ("header", "first"),
+    [
+        ("bytes 100-199/1000", 100),
+        ("bytes 0-0/*", 0),
+        ("bytes */1000", None),
+        ("bytes=100-199", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_where_a_partial_answer_starts(header, first):
+    assert content_range_first(header) == first
+
+
+@given(first=st.integers(0, 10**12), span=st.integers(0, 10**12), size=st.integers(1, 10**13))
+def test_content_range_we_write_is_read_back(first, span, size):
+    assert content_range_first(ByteRange(first, first + span).content_range(size)) == first
