@@ -87,7 +87,6 @@ def make_service(config: Config, reactor: Any) -> MultiService:
         store,
         config.mirrored_registries,
         config.registry_filters,
-        router=router if has_peers else None,
         mirror=make_mirror(config, reactor, router) if has_peers else None,
     )
     TCPServer(

@@ -23,7 +23,7 @@ from werkzeug.exceptions import NotFound as werkzeug_NotFound
 
 from spegel_tx.content import Descriptor
 from spegel_tx.errors import Filtered, InvalidDigest, InvalidReference, NotFound, Unavailable
-from spegel_tx.interfaces import IBlob, IContentStore, IRouter
+from spegel_tx.interfaces import IBlob, IContentStore
 from spegel_tx.oci.digest import parse_digest
 from spegel_tx.oci.errors import ErrorCode, error_body
 from spegel_tx.oci.manifest import MANIFEST_MEDIA_TYPES
@@ -50,12 +50,10 @@ class Registry:
         store: IContentStore,
         mirrored_registries: Iterable[str] = (),
         registry_filters: Iterable[re.Pattern[str]] = (),
-        router: IRouter | None = None,
         mirror: Mirror | None = None,
     ) -> None:
         self._reactor = reactor
         self._store = store
-        self._router = router
         self._mirror = mirror
         self._mirrored_registries = frozenset(mirrored_registries)
         self._registry_filters = tuple(registry_filters)
@@ -74,7 +72,7 @@ class Registry:
         if not self._store.ready():
             request.setResponseCode(503)
             return b"containerd is not reachable\n"
-        if self._router is not None and not self._router.ready():
+        if self._mirror is not None and not self._mirror.ready():
             request.setResponseCode(503)
             return b"no DHT peer found yet\n"
         return b"ok\n"
@@ -90,11 +88,7 @@ class Registry:
         ref = parse_reference(_namespace(request), name, reference)
         self._check_registry(ref.registry)
         try:
-            digest = ref.digest or await self._resolve_tag(ref)
-            try:
-                descriptor = await self._store.descriptor(digest)
-            except NotFound as e:
-                raise NotFound(f"manifest {reference} is not held here") from e
+            digest, descriptor = await self._local_manifest(ref, reference)
         except (NotFound, Unavailable):
             # A tag is a key only with its registry (ns); a digest always is.
             key = ref.digest or (ref.name if ref.registry else None)
@@ -156,6 +150,13 @@ class Registry:
         if request.method in (b"GET", b"HEAD"):
             raise werkzeug_NotFound()
         raise MethodNotAllowed()
+
+    async def _local_manifest(self, ref: Reference, reference: str) -> tuple[str, Descriptor]:
+        digest = ref.digest or await self._resolve_tag(ref)
+        try:
+            return digest, await self._store.descriptor(digest)
+        except NotFound as e:
+            raise NotFound(f"manifest {reference} is not held here") from e
 
     def _forwards(self, request: Request) -> bool:
         """A request a peer forwarded here is never forwarded again: no loops."""

@@ -99,6 +99,10 @@ class Mirror:
         self.health = health or PeerHealth(clock, self.settings.quarantine)
         self.counters: Counter[str] = Counter()
 
+    def ready(self) -> bool:
+        """Whether any peer is known: until then nothing can be forwarded."""
+        return bool(self._router.ready())
+
     async def forward(self, request: Request, key: str, digest: str | None, manifest: bool) -> None:
         """Answer ``request`` from a provider of ``key``, or raise NotFound.
 

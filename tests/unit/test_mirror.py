@@ -138,7 +138,7 @@ class Node:
                 table.router(host, int(port)).advertise([key])
         router = table.router("10.0.0.1", 5000)
         self.mirror = Mirror(self.clock, router, peers, MirrorSettings(**settings))
-        registry = Registry(MemoryReactor(), MemoryStore(), router=router, mirror=self.mirror)
+        registry = Registry(MemoryReactor(), MemoryStore(), mirror=self.mirror)
         self.client = StubTreq(registry.resource())
 
     def advance(self, seconds: float) -> None:
@@ -585,3 +585,10 @@ def test_the_last_chunk_waits_for_the_digest_check() -> None:
     )
     relay.finish()
     assert b"".join(request.written) == b"abcdef"
+
+
+def test_a_node_that_forwards_is_ready_only_once_it_knows_a_peer(peers: Peers) -> None:
+    alone = Node(peers, {})
+    assert result_of(alone.get("/readyz")).code == 503
+    with_peer = Node(peers, {LAYER_DIGEST: ["10.0.0.2:5000"]})
+    assert result_of(with_peer.get("/readyz")).code == 200
