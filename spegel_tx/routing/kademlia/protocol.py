@@ -104,8 +104,7 @@ class KademliaProtocol(DatagramProtocol):
         self.counters: Counter[str] = Counter()
         self._pending: dict[bytes, tuple[Deferred[Message], IDelayedCall, tuple[str, int]]] = {}
         self._seen_txids: OrderedDict[bytes, None] = OrderedDict()
-        self._evicting: set[bytes] = set()
-        self._probing: set[bytes] = set()
+        self._pinging: set[bytes] = set()
         self.own_addresses: set[tuple[str, int]] = set()
         self.on_contact: Callable[[Contact], None] | None = None
 
@@ -233,25 +232,24 @@ class KademliaProtocol(DatagramProtocol):
         other half of its side: searches there then stop short, at the wrong nodes.
         A node named by someone else is the only way across; a ping lets it in.
         """
-        node_id = contact.node_id
-        if (
-            node_id == self.node_id
-            or node_id in self._probing
-            or self.table.bucket_size(node_id) > 0
-        ):
+        if contact.node_id != self.node_id and self.table.bucket_size(contact.node_id) == 0:
+            self._ping_once(contact, lambda: None)
+
+    def _ping_once(self, contact: Contact, answered: Callable[[], object]) -> None:
+        """Ping ``contact`` and call ``answered`` if it does, unless a ping to it is
+        already out: however many newcomers knock, or answers name it, one at a time."""
+        if contact.node_id in self._pinging:
             return
-        self._probing.add(node_id)
-        self.ping(contact).addBoth(lambda _: self._probing.discard(node_id))
+        self._pinging.add(contact.node_id)
+        self.ping(contact).addCallbacks(lambda _: answered(), lambda _: None).addBoth(
+            lambda _: self._pinging.discard(contact.node_id)
+        )
 
     def _contact_seen(self, contact: Contact) -> None:
         oldest = self.table.seen(contact, self.clock.seconds())
-        if oldest is not None and oldest.node_id not in self._evicting:
-            # Ping before evicting: a live old contact keeps its place. One ping at
-            # a time per contact, however many newcomers knock during it.
-            self._evicting.add(oldest.node_id)
-            self.ping(oldest).addCallbacks(
-                lambda _: self.table.seen(oldest, self.clock.seconds()), lambda _: None
-            ).addBoth(lambda _: self._evicting.discard(oldest.node_id))
+        if oldest is not None:
+            # Ping before evicting: a live old contact keeps its place.
+            self._ping_once(oldest, lambda: self.table.seen(oldest, self.clock.seconds()))
         if self.on_contact is not None:
             self.on_contact(contact)
 
