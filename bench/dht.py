@@ -55,8 +55,6 @@ from pathlib import Path
 from subprocess import Popen
 from typing import Any
 
-import yaml
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -85,11 +83,11 @@ from tests.support.processes import (  # noqa: E402
     free_ports,
     log_tail,
     start_process,
+    start_spegel,
     stop_process,
     wait_for_http,
 )
 
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 NODE_NET = "127.0.2"
 ECHO_HOST = "127.0.3.1"
 BENCH_HOST = "127.0.3.2"
@@ -533,16 +531,7 @@ def start_nodes(count: int, containerd: Containerd, work: Path) -> list[RealNode
             "containerd-content-path": containerd.content_path,
             "static-bootstrap-peers": list(seeds),
         }
-        workdir = work / f"node{index}"
-        workdir.mkdir()
-        (workdir / "node.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        log_path = workdir / "spegel.log"
-        process = start_process(
-            [*TWISTD, "-n", "--pidfile=", "spegel", "--config", str(workdir / "node.yaml")],
-            log_path,
-            cwd=workdir,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
+        process, log_path = start_spegel(config, work / f"node{index}")
         nodes.append(
             RealNode(
                 index,

@@ -28,7 +28,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.support.containerd import Containerd  # noqa: E402
-from tests.support.processes import free_port, start_process, stop_process, wait_for_http  # noqa: E402
+from tests.support.processes import (  # noqa: E402
+    free_port,
+    start_process,
+    start_spegel,
+    stop_process,
+    wait_for_http,
+)
 
 NGINX_CONF = """
 daemon off;
@@ -148,28 +154,13 @@ def main() -> None:
         wait_for_http(nginx_url, nginx, work / "nginx.log", timeout=20)
 
         spegel_port = free_port("127.0.0.1")
-        node_yaml = work / "node.yaml"
-        node_yaml.write_text(
-            f"registry-addr: 127.0.0.1:{spegel_port}\n"
-            f"containerd-sock: {containerd.address}\n"
-            f"containerd-namespace: {containerd.namespace}\n"
-            f"containerd-content-path: {containerd.content_path}\n"
-        )
-        spegel = start_process(
-            [
-                sys.executable,
-                "-c",
-                "from twisted.scripts.twistd import run; run()",
-                "-n",
-                "--pidfile=",
-                "spegel",
-                "--config",
-                str(node_yaml),
-            ],
-            work / "spegel.log",
-            cwd=work,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
+        keys = {
+            "registry-addr": f"127.0.0.1:{spegel_port}",
+            "containerd-sock": containerd.address,
+            "containerd-namespace": containerd.namespace,
+            "containerd-content-path": containerd.content_path,
+        }
+        spegel, _ = start_spegel(keys, work)
         processes.append(spegel)
         spegel_url = f"http://127.0.0.1:{spegel_port}/v2/bench/blobs/{digest}"
         wait_for_http(

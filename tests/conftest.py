@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,16 +10,12 @@ from subprocess import Popen
 from typing import Any
 
 import pytest
-import yaml
 
 from tests.support.cluster import MirrorCluster, running_cluster
 from tests.support.containerd import Containerd, running_containerd
 from tests.support.ociimage import SyntheticImage, build_image
-from tests.support.processes import free_ports, start_process, stop_process, wait_for_http
+from tests.support.processes import free_ports, start_spegel, stop_process, wait_for_http
 from tests.support.registry import DockerRegistry
-
-ROOT = Path(__file__).resolve().parent.parent
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
 def require(*tools: str) -> None:
@@ -131,18 +125,7 @@ def spegel_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
             "containerd-namespace": containerd.namespace,
             "containerd-content-path": containerd.content_path,
         } | {key.replace("_", "-"): value for key, value in extra.items()}
-        workdir = tmp_path / f"node-{host}-{port}"
-        workdir.mkdir()
-        config = workdir / "node.yaml"
-        config.write_text(yaml.safe_dump(keys, sort_keys=False))
-        log_path = workdir / "spegel.log"
-        command = [*TWISTD, "-n", "--pidfile=", "--logger", "spegel_tx.logs.json_observer"]
-        process = start_process(
-            [*command, "spegel", "--config", str(config)],
-            log_path,
-            cwd=workdir,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
+        process, log_path = start_spegel(keys, tmp_path / f"node-{host}-{port}")
         node = Node(host, port, process, log_path, keys)
         nodes.append(node)
         wait_for_http(f"{node.url}/{'readyz' if wait_ready else 'livez'}", process, log_path, 30)

@@ -10,7 +10,6 @@ everything. Run from a checkout, as root: ``bash deploy/examples/demo.sh``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,7 +23,12 @@ sys.path.insert(0, str(ROOT))
 
 from tests.support.containerd import Containerd  # noqa: E402
 from tests.support.ociimage import build_image  # noqa: E402
-from tests.support.processes import free_port, start_process, stop_process, wait_for_http  # noqa: E402
+from tests.support.processes import (  # noqa: E402
+    free_port,
+    start_spegel,
+    stop_process,
+    wait_for_http,
+)
 
 
 def step(text: str) -> None:
@@ -47,29 +51,12 @@ def main() -> None:
 
         port = free_port("127.0.0.1")
         step(f"running: twistd -n spegel --config node.yaml  (registry on 127.0.0.1:{port})")
-        config = work / "node.yaml"
-        config.write_text(
-            f"registry-addr: 127.0.0.1:{port}\n"
-            f"containerd-sock: {containerd.address}\n"
-            f"containerd-content-path: {containerd.content_path}\n"
-        )
-        log_path = work / "spegel.log"
-        twistd = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-        node = start_process(
-            [
-                *twistd,
-                "-n",
-                "--pidfile=",
-                "--logger",
-                "spegel_tx.logs.json_observer",
-                "spegel",
-                "--config",
-                str(config),
-            ],
-            log_path,
-            cwd=work,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
+        keys = {
+            "registry-addr": f"127.0.0.1:{port}",
+            "containerd-sock": containerd.address,
+            "containerd-content-path": containerd.content_path,
+        }
+        node, log_path = start_spegel(keys, work)
         wait_for_http(f"http://127.0.0.1:{port}/readyz", node, log_path, timeout=30)
         print("ready: GET /readyz answered 200")
 

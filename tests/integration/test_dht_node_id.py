@@ -11,7 +11,7 @@ import re
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -23,8 +23,6 @@ RESTARTED_HOST = "127.0.0.21"
 WITNESS_HOST = "127.0.0.22"
 EPHEMERAL_HOST = "127.0.0.23"
 NODE_ID_FILE = "node-id"
-
-T = TypeVar("T")
 
 
 def get_json(url: str) -> Any:

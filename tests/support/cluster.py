@@ -19,10 +19,8 @@ import functools
 import hashlib
 import http.client
 import json
-import os
 import shutil
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -30,9 +28,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
-
-import yaml
+from typing import Any
 
 from tests.support.containerd import Containerd
 from tests.support.ociimage import SyntheticImage, build_image
@@ -42,14 +38,12 @@ from tests.support.processes import (
     log_tail,
     poll,
     spegel_tx_cli,
-    start_process,
+    start_spegel,
     stop_process,
     wait_for_http,
 )
 from tests.support.registry import DockerRegistry
 
-ROOT = Path(__file__).resolve().parents[2]
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 MiB = 1 << 20
 
 UPSTREAM_HOST = "127.0.0.30"
@@ -58,8 +52,6 @@ NODE_HOSTS = {"A": "127.0.0.31", "B": "127.0.0.32", "C": "127.0.0.33"}
 
 BIG_LAYERS = (64 * MiB, 32 * MiB, 8 * MiB, 1 * MiB)
 """105 MiB in four layers; the 64 MiB one is long enough to kill a peer in the middle of it."""
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -109,7 +101,6 @@ class SpegelNode:
         self.port, router_port, metrics_port = free_ports(host, 3)
         self.router_address = f"{host}:{router_port}"
         self.metrics_url = f"http://{host}:{metrics_port}"
-        self.config_path = base / "node.yaml"
         self.log_path = base / "spegel.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.keys: dict[str, Any] = {}
@@ -151,19 +142,12 @@ class SpegelNode:
             # Scenario 5 waits for B to try A again after scenario 4 broke A off.
             "mirror-peer-quarantine": "3s",
         }
-        self.config_path.write_text(yaml.safe_dump(self.keys, sort_keys=False))
 
     def start(self) -> None:
         """Start the daemon and return once ``/livez`` answers."""
         if self.process is not None and self.process.poll() is None:
             raise RuntimeError(f"{self} is already running")
-        command = [*TWISTD, "-n", "--pidfile=", "--logger", "spegel_tx.logs.json_observer"]
-        self.process = start_process(
-            [*command, "spegel", "--config", str(self.config_path)],
-            self.log_path,
-            cwd=self.base,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
+        self.process, _ = start_spegel(self.keys, self.base)
         wait_for_http(f"{self.url}/livez", self.process, self.log_path, 30)
 
     def wait_ready(self, timeout: float = 30.0) -> None:

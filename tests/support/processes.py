@@ -12,7 +12,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -133,3 +135,21 @@ def spegel_tx_cli(
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
     )
+
+
+def start_spegel(keys: Mapping[str, Any], workdir: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """``twistd -n spegel`` on the working tree's code, with ``keys`` as its node.yaml in
+    ``workdir``; its log, one JSON object per line, is the returned path."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "node.yaml"
+    config.write_text(yaml.safe_dump(dict(keys), sort_keys=False))
+    log_path = workdir / "spegel.log"
+    twistd = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+    logger = ["--logger", "spegel_tx.logs.json_observer"]
+    process = start_process(
+        [*twistd, "-n", "--pidfile=", *logger, "spegel", "--config", str(config)],
+        log_path,
+        cwd=workdir,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    return process, log_path
