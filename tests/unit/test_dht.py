@@ -171,3 +171,26 @@ def test_a_store_that_times_out_does_not_evict_its_node() -> None:
     protocol.ping(silent).addErrback(failures.append)
     clock.advance(protocol.request_timeout)
     assert silent not in protocol.table.contacts(), "an unanswered ping does evict"
+
+
+def test_keys_of_a_lone_node_are_placed_once_a_peer_contacts_it() -> None:
+    clock = Clock()
+    network = MemoryUDPNetwork(clock)
+    first = KademliaProtocol(clock, random_node_id(), registry_port=5000)
+    network.attach(first, "10.0.0.1", 5001)
+    alone = KademliaRouter(clock, first, FixedBootstrapper([]), 5001)
+    alone.startService()
+    key = "docker.io/library/first:1"
+    alone.advertise([key])
+    clock.advance(1)
+
+    second = KademliaProtocol(clock, random_node_id(), registry_port=5000)
+    network.attach(second, "10.0.0.2", 5001)
+    joiner = KademliaRouter(clock, second, FixedBootstrapper([("10.0.0.1", 5001)]), 5001)
+    joiner.startService()
+    for _ in range(1200):  # the lone node's next periodic join
+        clock.advance(0.1)
+
+    assert second.providers_of(key_id(key)) != [], "the lone node's keys reached its peer"
+    alone.stopService()
+    joiner.stopService()

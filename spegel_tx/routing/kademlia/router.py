@@ -123,6 +123,8 @@ class KademliaRouter(Service):
     async def _join(self) -> None:
         if not self.ready():
             # Nothing known (first start, or every contact failed): a full join again.
+            # Not derivable from ready() at the next join: a peer that contacts us in
+            # between fills the table without our having searched or placed anything.
             self._joined = False
         peers = await self._bootstrapper.peers()
         others = [
