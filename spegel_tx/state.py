@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from spegel_tx.content import ImageEvent
+from spegel_tx.content import ImageEvent, ImageEventKind
 from spegel_tx.interfaces import IContentStore, IRouter
 from spegel_tx.oci.reference import split_image_name
 
@@ -47,6 +47,9 @@ class StateTracker(Service):
         self._registry_filters = tuple(registry_filters)
         self._resync_interval = resync_interval
         self.advertised: set[str] = set()
+        self._walked: dict[str, list[str]] = {}
+        """Image digest -> the present digests under it, as the last walk found them."""
+        self._walk_all = True
         self._pending: Any = None
         self._running_sync: Deferred[None] | None = None
         self._again = False
@@ -56,7 +59,7 @@ class StateTracker(Service):
     def startService(self) -> None:
         Service.startService(self)
         self._unsubscribe = self._store.subscribe(self._changed)
-        self._loop = LoopingCall(self.resync)
+        self._loop = LoopingCall(self.resync_all)
         self._loop.clock = self._clock
         self._loop.start(self._resync_interval, now=True)
 
@@ -70,11 +73,21 @@ class StateTracker(Service):
             self._pending.cancel()
 
     def _changed(self, event: ImageEvent) -> None:
+        if event.kind is ImageEventKind.RESYNC:
+            self._walk_all = True
         if self._pending is None or not self._pending.active():
             self._pending = self._clock.callLater(DEBOUNCE, self.resync)
 
+    def resync_all(self) -> Deferred[None]:
+        """Walk every image's content again: only this notices content that containerd
+        removed under an image that is still there (discarded layers, garbage collection)."""
+        self._walk_all = True
+        return self.resync()
+
     def resync(self) -> Deferred[None]:
-        """One resync at a time; a request during one runs once more after it."""
+        """List the images; walk the content only of those not walked before, since an
+        image digest names immutable content. One resync at a time; a request during
+        one runs once more after it."""
         if self._running_sync is not None:
             self._again = True
             return self._running_sync
@@ -98,17 +111,34 @@ class StateTracker(Service):
             return False
         return not any(pattern.search(name) for pattern in self._registry_filters)
 
-    async def _sync(self) -> None:
-        if not self._store.ready():
-            if self.running and (self._pending is None or not self._pending.active()):
-                self._pending = self._clock.callLater(NOT_READY_RETRY, self.resync)
-            return
+    async def _keys(self, known: dict[str, list[str]]) -> set[str]:
+        """Every wanted name and the digests under it; walks only images not in ``known``."""
+        walked: dict[str, list[str]] = {}
         keys: set[str] = set()
         for image in await self._store.images():
             if not self.wanted(image.name):
                 continue
             keys.add(image.name)
-            keys.update(await self._store.digests(image))
+            if image.digest not in walked:
+                found = known.get(image.digest)
+                walked[image.digest] = (
+                    found if found is not None else await self._store.digests(image)
+                )
+            keys.update(walked[image.digest])
+        self._walked = walked
+        return keys
+
+    async def _sync(self) -> None:
+        if not self._store.ready():
+            if self.running and (self._pending is None or not self._pending.active()):
+                self._pending = self._clock.callLater(NOT_READY_RETRY, self.resync)
+            return
+        walk_all, self._walk_all = self._walk_all, False
+        try:
+            keys = await self._keys({} if walk_all else self._walked)
+        except BaseException:
+            self._walk_all = self._walk_all or walk_all
+            raise
         gone = self.advertised - keys
         new = keys - self.advertised
         if gone:

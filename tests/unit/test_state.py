@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from typing import Any
 
 from twisted.internet.task import Clock
 
@@ -169,3 +170,49 @@ def test_stopping_ends_its_timers() -> None:
     node.tracker.stopService()
 
     assert node.clock.getDelayedCalls() == []
+
+
+class CountingStore(MemoryStore):
+    """Counts content walks: each is a read of every manifest under an image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.walks: list[str] = []
+
+    def digests(self, image: Any) -> Any:
+        self.walks.append(image.name)
+        return super().digests(image)
+
+
+def test_an_event_walks_only_images_not_walked_before() -> None:
+    old, new = Image("old"), Image("new")
+    store = CountingStore()
+    for data in old.present() + new.present():
+        store.add_blob(data)
+    store.tag("docker.io/library/old:1", digest_of(old.index))
+    node = Node(store)
+    assert store.walks == ["docker.io/library/old:1"]
+
+    store.tag("docker.io/library/new:1", digest_of(new.index))
+    node.clock.advance(DEBOUNCE)
+
+    assert store.walks[1:] == ["docker.io/library/new:1"], "the old image's content is known"
+    assert node.advertised() >= old.digests() | new.digests()
+
+
+def test_a_full_resync_walks_everything_again_and_sees_content_removed() -> None:
+    image = Image("gc")
+    store = CountingStore()
+    for data in image.present():
+        store.add_blob(data)
+    store.tag("docker.io/library/gc:1", digest_of(image.index))
+    node = Node(store)
+    del store.blobs[digest_of(image.layer)]  # garbage-collected under a live image
+
+    node.tracker._changed(ImageEvent(ImageEventKind.RESYNC, ""))
+    node.clock.advance(DEBOUNCE)
+    assert len(store.walks) == 2
+    assert digest_of(image.layer) not in node.advertised()
+
+    node.tracker.resync_all()
+    assert len(store.walks) == 3, "the periodic resync walks again too"
