@@ -25,7 +25,7 @@ class DebugPages:
     def resource(self) -> Any:
         return self.app.resource()
 
-    @app.route("/debug/peers", methods=["GET"])
+    @app.route("/peers", methods=["GET"])
     def peers(self, request: IRequest) -> bytes:
         protocol = self._router.protocol
         page = {
@@ -40,7 +40,7 @@ class DebugPages:
         }
         return _json(request, page)
 
-    @app.route("/debug/lookup", methods=["GET"])
+    @app.route("/lookup", methods=["GET"])
     async def lookup(self, request: IRequest) -> bytes:
         keys = request.args.get(b"key")
         if not keys:

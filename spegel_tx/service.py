@@ -8,12 +8,15 @@ from treq.client import HTTPClient
 from twisted.application.internet import TCPServer, UDPServer
 from twisted.application.service import MultiService
 from twisted.names import client as dns_client
+from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from spegel_tx.config import Config, router_secret
 from spegel_tx.containerd.store import ContainerdStore
 from spegel_tx.debug import DebugPages
 from spegel_tx.interfaces import IBootstrapper
+from spegel_tx.metrics import MetricsResource
+from spegel_tx.nodemetrics import NodeMetrics
 from spegel_tx.registry.access import RegistrySite
 from spegel_tx.registry.app import Registry
 from spegel_tx.registry.connections import peer_agent
@@ -35,7 +38,9 @@ def make_bootstrapper(config: Config, reactor: Any) -> IBootstrapper:
     return StaticBootstrapper(reactor, config.static_bootstrap_peers)
 
 
-def make_mirror(config: Config, reactor: Any, router: KademliaRouter) -> Mirror:
+def make_mirror(
+    config: Config, reactor: Any, router: KademliaRouter, metrics: NodeMetrics
+) -> Mirror:
     """One persistent connection pool to all peers, so a pull's many blobs reuse connections."""
     agent = peer_agent(reactor, config.mirror_connect_timeout, PEER_CONNECTIONS)
     settings = MirrorSettings(
@@ -45,12 +50,13 @@ def make_mirror(config: Config, reactor: Any, router: KademliaRouter) -> Mirror:
         idle_timeout=config.mirror_idle_timeout,
         quarantine=config.mirror_peer_quarantine,
     )
-    return Mirror(reactor, router, HTTPClient(agent), settings)
+    return Mirror(reactor, router, HTTPClient(agent), settings, metrics=metrics)
 
 
 def make_service(config: Config, reactor: Any) -> MultiService:
     """Children stop in reverse order: the router withdraws while its UDP port still listens."""
     node = MultiService()
+    metrics = NodeMetrics(reactor)
     store = ContainerdStore(
         reactor,
         address=config.containerd_sock,
@@ -77,28 +83,38 @@ def make_service(config: Config, reactor: Any) -> MultiService:
         republish_interval=config.router_republish_interval,
     )
     router.setServiceParent(node)
-    StateTracker(
+    metrics.watch_dht(protocol)
+    tracker = StateTracker(
         reactor, store, router, config.mirrored_registries, config.registry_filters
-    ).setServiceParent(node)
+    )
+    tracker.setServiceParent(node)
+    metrics.watch_state(tracker)
 
     has_peers = bool(config.static_bootstrap_peers) or config.bootstrap_kind == "dns"
+    mirror = make_mirror(config, reactor, router, metrics) if has_peers else None
+    if mirror is not None:
+        metrics.watch_mirror(mirror)
     registry = Registry(
-        reactor,
-        store,
-        config.mirrored_registries,
-        config.registry_filters,
-        mirror=make_mirror(config, reactor, router) if has_peers else None,
+        reactor, store, config.mirrored_registries, config.registry_filters, mirror=mirror
     )
     TCPServer(
         config.registry_addr.port,
-        RegistrySite(registry.resource()),
+        RegistrySite(registry.resource(), metrics),
         interface=config.registry_addr.host,
         reactor=reactor,
     ).setServiceParent(node)
     TCPServer(
         config.metrics_addr.port,
-        Site(DebugPages(reactor, router).resource()),
+        Site(metrics_root(metrics, DebugPages(reactor, router))),
         interface=config.metrics_addr.host,
         reactor=reactor,
     ).setServiceParent(node)
     return node
+
+
+def metrics_root(metrics: NodeMetrics, debug: DebugPages) -> Resource:
+    """The metrics address: ``/metrics`` for Prometheus, ``/debug/...`` for people."""
+    root = Resource()
+    root.putChild(b"metrics", MetricsResource(metrics.registry))
+    root.putChild(b"debug", debug.resource())
+    return root

@@ -9,6 +9,7 @@ the periodic resync.
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
@@ -47,6 +48,8 @@ class StateTracker(Service):
         self._registry_filters = tuple(registry_filters)
         self._resync_interval = resync_interval
         self.advertised: set[str] = set()
+        self.images: dict[str, str] = {}
+        """Advertised image name -> the digest it names, as of the last resync."""
         self._walked: dict[str, list[str]] = {}
         """Image digest -> the present digests under it, as the last walk found them."""
         self._walk_all = True
@@ -114,11 +117,13 @@ class StateTracker(Service):
     async def _keys(self, known: dict[str, list[str]]) -> set[str]:
         """Every wanted name and the digests under it; walks only images not in ``known``."""
         walked: dict[str, list[str]] = {}
+        images: dict[str, str] = {}
         keys: set[str] = set()
         for image in await self._store.images():
             if not self.wanted(image.name):
                 continue
             keys.add(image.name)
+            images[image.name] = image.digest
             if image.digest not in walked:
                 found = known.get(image.digest)
                 walked[image.digest] = (
@@ -126,7 +131,24 @@ class StateTracker(Service):
                 )
             keys.update(walked[image.digest])
         self._walked = walked
+        self.images = images
         return keys
+
+    def advertised_by_registry(self) -> dict[str, tuple[int, int, int]]:
+        """Registry -> (tags, image digests, content digests) advertised, for metrics."""
+        tags: dict[str, set[str]] = defaultdict(set)
+        images: dict[str, set[str]] = defaultdict(set)
+        contents: dict[str, set[str]] = defaultdict(set)
+        for name, digest in self.images.items():
+            parts = split_image_name(name)
+            registry = parts.registry if parts is not None and parts.registry else ""
+            tags[registry].add(name)
+            images[registry].add(digest)
+            contents[registry].update(self._walked.get(digest, ()))
+        return {
+            registry: (len(tags[registry]), len(images[registry]), len(contents[registry]))
+            for registry in tags
+        }
 
     async def _sync(self) -> None:
         if not self._store.ready():

@@ -49,6 +49,28 @@ class BytesBlob:
         self.closed = True
 
 
+@implementer(IBlob)
+class ControlledBlob:
+    """A blob whose reads complete only when the test says so."""
+
+    size = 3 * 64 * 1024
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[int, Deferred[bytes]]] = []
+        self.closed = False
+
+    def fileno(self) -> None:
+        return None
+
+    def read(self, offset: int, length: int) -> Deferred[bytes]:
+        d: Deferred[bytes] = Deferred()
+        self.reads.append((offset, d))
+        return d
+
+    def close(self) -> None:
+        self.closed = True
+
+
 @implementer(IContentStore)
 class MemoryStore:
     """Content and image names in dictionaries; events fire synchronously."""

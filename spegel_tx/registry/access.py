@@ -10,6 +10,7 @@ from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.server import Request, Site
 
+from spegel_tx.nodemetrics import NodeMetrics
 from spegel_tx.registry.connections import enlarge_buffers
 
 _log = Logger(namespace="spegel_tx.access")
@@ -27,22 +28,41 @@ class AccessLogRequest(Request):
 
     def process(self) -> None:
         self._started = time.monotonic()
+        site = getattr(self.channel, "site", None)
+        self._metrics: NodeMetrics | None = getattr(site, "metrics", None)
+        if self._metrics is not None:
+            self._metrics.request_started(self.path)
         self.notifyFinish().addBoth(self._log_access)
         super().process()
 
     def _log_access(self, result: Failure | None) -> None:
+        seconds = time.monotonic() - self._started
+        method = self.method.decode("ascii", "replace")
         _log.info(
             "{method} {path} {status} {bytes}B {duration_ms}ms {handler} {client}",
-            method=self.method.decode("ascii", "replace"),
+            method=method,
             path=self.uri.decode("utf-8", "replace"),
             status=self.code,
             bytes=self.sentLength,
-            duration_ms=round((time.monotonic() - self._started) * 1000, 3),
+            duration_ms=round(seconds * 1000, 3),
             client=getattr(self.getClientAddress(), "host", "-"),
             handler=self.handler,
             peer=self.peer,
             completed=result is None,
         )
+        if self._metrics is not None:
+            namespace = self.args.get(b"ns", [b""])[0].decode("utf-8", "replace")
+            self._metrics.request_finished(
+                self.path,
+                method,
+                self.code,
+                self.sentLength,
+                seconds,
+                served_by=self.handler,
+                registry=namespace,
+                peer=self.peer,
+                completed=result is None,
+            )
 
 
 def set_handler(request: Any, handler: str, peer: str = "-") -> None:
@@ -85,12 +105,17 @@ class RegistryChannel(http.HTTPChannel):
 
 
 class RegistrySite(Site):
-    """A Site whose only request log is ``AccessLogRequest``'s structured event."""
+    """A Site whose only request log is ``AccessLogRequest``'s structured event,
+    which also feeds the node's metrics when it has some."""
 
     requestFactory = AccessLogRequest
     # Twisted annotates this as its private HTTP/2-negotiating wrapper; a plain
     # HTTPChannel is what HTTPFactory built before that wrapper existed.
     protocol = RegistryChannel  # type: ignore[assignment]
+
+    def __init__(self, resource: Any, metrics: NodeMetrics | None = None) -> None:
+        super().__init__(resource)
+        self.metrics = metrics
 
     def log(self, request: http.Request) -> None:
         pass

@@ -26,6 +26,7 @@ from twisted.web.server import Request
 
 from spegel_tx.errors import NotFound
 from spegel_tx.interfaces import ILookup, IRouter
+from spegel_tx.nodemetrics import NodeMetrics
 from spegel_tx.oci.ranges import content_range_first
 from spegel_tx.registry.access import set_handler
 from spegel_tx.registry.peers import Peer, PeerHealth
@@ -91,12 +92,14 @@ class Mirror:
         client: Any,
         settings: MirrorSettings | None = None,
         health: PeerHealth | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self._clock = clock
         self._router = router
         self._client = client
         self.settings = settings or MirrorSettings()
         self.health = health or PeerHealth(clock, self.settings.quarantine)
+        self.metrics = metrics or NodeMetrics(clock)
         self.counters: Counter[str] = Counter()
 
     def ready(self) -> bool:
@@ -118,8 +121,11 @@ class Mirror:
                 headers[name] = [value]
         wanted = self.settings.resolve_retries + len(self.health.quarantined_peers())
         lookup = self._router.lookup(key, wanted)
-        providers = _Providers(self._clock, lookup, self.health, self.settings, self.counters)
+        providers = _Providers(
+            self._clock, lookup, self.health, self.settings, self.counters, self.metrics
+        )
         budget = self.settings.manifest_budget if manifest or method == "HEAD" else None
+        served = False
         try:
             found = await self._first_response(providers, method, request.uri, headers, budget)
             if found is None:
@@ -136,15 +142,18 @@ class Mirror:
                 length = response.headers.getRawHeaders(b"content-length", [None])[0]
                 if length is not None:
                     request.setHeader(b"content-length", length)
-                return
-            request.setHeader(b"content-length", b"%d" % response.length)
-            if response.code == 200:
-                digest = digest or _header(response, b"docker-content-digest")
             else:
-                digest = None
-            await self._relay(request, providers, peer, response, digest, headers)
+                request.setHeader(b"content-length", b"%d" % response.length)
+                if response.code == 200:
+                    digest = digest or _header(response, b"docker-content-digest")
+                else:
+                    digest = None
+                await self._relay(request, providers, peer, response, digest, headers)
+            served = True
         finally:
             lookup.cancel()
+            namespace = request.args.get(b"ns", [b""])[0].decode("utf-8", "replace")
+            self.metrics.forwarded(namespace, served)
 
     async def _relay(
         self,
@@ -310,9 +319,12 @@ class _Providers:
         health: PeerHealth,
         settings: MirrorSettings,
         counters: Counter[str],
+        metrics: NodeMetrics,
     ) -> None:
         self._clock = clock
         self._counters = counters
+        self._metrics = metrics
+        self._started = clock.seconds()
         self._lookup = lookup
         self._health = health
         self._settings = settings
@@ -365,6 +377,7 @@ class _Providers:
         if peer is None:
             self._exhausted = True
         else:
+            self._metrics.resolved(self._clock.seconds() - self._started)
             self._unused.append(peer)
         self._wake()
 

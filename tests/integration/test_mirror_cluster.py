@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import statistics
 import subprocess
+import time
 from typing import Any
 
 import pytest
@@ -35,6 +36,7 @@ from tests.support.cluster import (
     sha256_file,
 )
 from tests.support.ociimage import SyntheticImage
+from tests.support.prometheus import Scrape
 
 pytestmark = pytest.mark.integration
 
@@ -183,6 +185,7 @@ def test_2_with_upstream_down_b_pulls_from_a(mirror_cluster: MirrorCluster):
     cluster.upstream.stop()
     upstream_since = cluster.upstream.log_offset()
     a_since, b_since = a.log_offset(), b.log_offset()
+    a_before, b_before = a.metrics(), b.metrics()
 
     # With the upstream down, a 404 from B's node would make containerd's fallback fail.
     b.pull(big.name)
@@ -200,6 +203,43 @@ def test_2_with_upstream_down_b_pulls_from_a(mirror_cluster: MirrorCluster):
         assert (served["status"], served["handler"]) == (200, "local"), served
         assert served["bytes"] == forwarded["bytes"] == big.size(digest)
     assert upstream_requests_for(cluster, upstream_since, big) == []
+    forwarded = [line for line in b.access_log(b_since) if line["handler"] == "mirror"]
+    assert_metrics_show_the_pull(a_before, a.metrics(), b_before, b.metrics(), big, forwarded)
+
+
+def assert_metrics_show_the_pull(
+    a_before: Scrape,
+    a_after: Scrape,
+    b_before: Scrape,
+    b_after: Scrape,
+    image: SyntheticImage,
+    forwarded: list[dict[str, Any]],
+) -> None:
+    """What a Prometheus dashboard of the two nodes shows of B's pull from A."""
+    registry = image.name.split("/", 1)[0]
+
+    def grew(before: Scrape, after: Scrape, name: str, **labels: str) -> float:
+        return after.value(name, **labels) - before.value(name, **labels)
+
+    hits = grew(b_before, b_after, "spegel_mirror_requests_total", registry=registry, cache="hit")
+    assert hits == len(forwarded), forwarded
+    relayed = sum(line["bytes"] for line in forwarded)
+    contents = (image.manifest_digest, image.config_digest, *image.layer_digests)
+    assert relayed >= sum(image.size(digest) for digest in contents)
+    assert grew(b_before, b_after, "spegel_tx_served_bytes_total", source="peer") == relayed
+    assert grew(a_before, a_after, "spegel_tx_served_bytes_total", source="local") >= relayed
+    assert b_after.value("spegel_mirror_last_success_timestamp_seconds") > time.time() - 60
+    assert grew(b_before, b_after, "spegel_resolve_duration_seconds_count") >= len(forwarded)
+    assert grew(b_before, b_after, "http_request_duration_seconds_count", handler="/v2/*") >= len(
+        forwarded
+    )
+    assert b_after.value("http_requests_inflight") == 0
+    assert a_after.value("spegel_advertised_image_tags", registry=registry) >= 1
+    assert a_after.value("spegel_advertised_content_digests", registry=registry) >= len(
+        image.digests
+    )
+    assert a_after.value("spegel_tx_dht_routing_table_peers") == 2
+    assert b_after.value("spegel_tx_dht_datagrams_total", direction="in") > 0
 
 
 def test_3_an_image_nobody_holds_is_a_fast_404_then_upstream(mirror_cluster: MirrorCluster):
@@ -211,6 +251,7 @@ def test_3_an_image_nobody_holds_is_a_fast_404_then_upstream(mirror_cluster: Mir
     if cluster.upstream.process is None:
         cluster.upstream.start()
 
+    before = b.metrics()
     for url in (
         cluster.manifest_url(b, other, other.tag),
         cluster.blob_url(b, other, other.layer_digests[0]),
@@ -220,6 +261,12 @@ def test_3_an_image_nobody_holds_is_a_fast_404_then_upstream(mirror_cluster: Mir
         median = statistics.median(answer.seconds for answer in answers)
         print(f"404 from B in {[round(a.seconds * 1000, 1) for a in answers]} ms: {url}")
         assert median < NOT_FOUND_BUDGET, f"{url}: {[a.seconds for a in answers]}"
+    after, registry = b.metrics(), other.name.split("/", 1)[0]
+    for name, labels in (
+        ("spegel_mirror_requests_total", {"registry": registry, "cache": "miss"}),
+        ("spegel_tx_upstream_fallbacks_total", {"registry": registry}),
+    ):
+        assert after.value(name, **labels) - before.value(name, **labels) == 2 * TRIES, name
 
     b_since, upstream_since = b.log_offset(), cluster.upstream.log_offset()
     b.pull(other.name)

@@ -42,6 +42,7 @@ from tests.support.processes import (
     stop_process,
     wait_for_http,
 )
+from tests.support.prometheus import Scrape, scrape
 from tests.support.registry import DockerRegistry
 
 MiB = 1 << 20
@@ -210,6 +211,10 @@ class SpegelNode:
         ) as response:
             page = json.loads(response.read())
         return [f"{p['host']}:{p['registry_port']}" for p in page["providers"]]
+
+    def metrics(self) -> Scrape:
+        """What Prometheus would scrape from the node's ``/metrics``."""
+        return scrape(f"{self.metrics_url}/metrics")
 
     def peers(self) -> list[str]:
         with urllib.request.urlopen(f"{self.metrics_url}/debug/peers", timeout=10) as response:

@@ -7,17 +7,15 @@ import re
 
 import pytest
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import fail, succeed
 from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from spegel_tx.errors import Unavailable
-from spegel_tx.interfaces import IBlob
 from spegel_tx.registry.access import RegistrySite
 from spegel_tx.registry.app import Registry
-from spegel_tx.testing import MemoryStore
+from spegel_tx.testing import ControlledBlob, MemoryStore
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -239,28 +237,6 @@ def test_unavailable_store_is_a_fast_404(store):
         "containerd is unavailable"
         in json.loads(http.content(response).result)["errors"][0]["message"]
     )
-
-
-@implementer(IBlob)
-class ControlledBlob:
-    """A blob whose reads complete only when the test says so."""
-
-    size = 3 * 64 * 1024
-
-    def __init__(self) -> None:
-        self.reads: list[tuple[int, Deferred[bytes]]] = []
-        self.closed = False
-
-    def fileno(self) -> None:
-        return None
-
-    def read(self, offset: int, length: int) -> Deferred[bytes]:
-        d: Deferred[bytes] = Deferred()
-        self.reads.append((offset, d))
-        return d
-
-    def close(self) -> None:
-        self.closed = True
 
 
 def serve_over_string_transport(store, blob):

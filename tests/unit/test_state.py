@@ -89,6 +89,23 @@ def test_at_start_every_tag_and_every_present_digest_is_advertised() -> None:
     assert digest_of(image.absent) not in node.advertised(), "missing content is not offered"
 
 
+def test_advertised_counts_per_registry_for_spegels_gauges() -> None:
+    shared, alone = Image("shared"), Image("alone")
+    store = store_with(
+        ("docker.io/library/shared:1", shared),
+        ("docker.io/library/shared:latest", shared),
+        ("quay.io/org/shared:1", shared),
+        ("quay.io/org/alone:1", alone),
+    )
+
+    node = Node(store)
+
+    assert node.tracker.advertised_by_registry() == {
+        "docker.io": (2, 1, len(shared.digests())),
+        "quay.io": (2, 2, len(shared.digests()) + len(alone.digests())),
+    }
+
+
 def test_filters_and_mirrored_registries_limit_what_is_advertised() -> None:
     kept, filtered, other = Image("kept"), Image("filtered"), Image("other")
     store = store_with(
