@@ -197,7 +197,7 @@ class NodeMetrics:
             Collected(
                 "counter",
                 "spegel_tx_dht_dropped_datagrams_total",
-                "DHT datagrams dropped, by reason (malformed, unsigned, replayed, ...).",
+                "DHT datagrams dropped, by reason (auth, replay, stale, short, truncated, ...).",
                 ("reason",),
                 lambda: {
                     (name.removeprefix("dropped_"),): value
