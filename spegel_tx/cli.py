@@ -2,7 +2,7 @@
 
 ``configuration`` and ``cleanup`` take Spegel's flags and environment variables
 (flag over environment over default), so a Spegel init container or hook keeps
-working when only the image changes.
+working when only the image changes. ``doctor`` checks a node's setup.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar, cast
 
-from spegel_tx import __version__
-from spegel_tx.config import environment_name
+from spegel_tx import __version__, doctor
+from spegel_tx.config import environment_name, load_config
 from spegel_tx.containerd import hostsconfig
 from spegel_tx.errors import ConfigError
 
@@ -40,6 +40,16 @@ def parse_directory(text: str) -> Path:
     return Path(text)
 
 
+def parse_timeout(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return seconds
+
+
 def parse_log_level(text: str) -> str:
     if text.upper() not in _LOG_LEVELS:
         raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(_LOG_LEVELS)}")
@@ -58,12 +68,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "<path>/<registry>/hosts.toml pointing each mirrored registry at the mirror targets.",
     )
     _add_common(configuration)
-    configuration.add_argument(
-        "--mirrored-registries",
-        nargs="*",
-        action="extend",
-        metavar="URL",
-        help="registries to mirror, space or comma separated (https://docker.io); "
+    _add_mirrored_registries(
+        configuration,
         "none, _default or * writes _default/hosts.toml for every registry "
         "(env MIRRORED_REGISTRIES)",
     )
@@ -100,10 +106,43 @@ def _build_parser() -> argparse.ArgumentParser:
         "and remove _backup. Does nothing when there is no _backup.",
     )
     _add_common(cleanup)
+
+    checkup = commands.add_parser(
+        "doctor",
+        help="check this node's containerd and spegel-tx setup and exit",
+        description="One line per check: ok, or what is wrong and what to change. "
+        "Exits 0 only if every check passed.",
+    )
+    checkup.add_argument(
+        "--config",
+        metavar="FILE",
+        help="the node.yaml the daemon runs with; its environment variables apply too",
+    )
+    checkup.add_argument(
+        "--containerd-sock", metavar="PATH", help="default: the node's containerd-sock"
+    )
+    checkup.add_argument(
+        "--containerd-config",
+        type=Path,
+        default=doctor.DEFAULT_CONTAINERD_CONFIG,
+        metavar="FILE",
+        help=f"containerd's config file; default {doctor.DEFAULT_CONTAINERD_CONFIG}",
+    )
+    _add_config_path(checkup)
+    _add_mirrored_registries(
+        checkup, "the hosts.toml files to expect; default the node's mirrored-registries"
+    )
+    checkup.add_argument(
+        "--timeout",
+        type=parse_timeout,
+        default=1.0,
+        metavar="SECONDS",
+        help="how long each network check waits for an answer; default 1",
+    )
     return parser
 
 
-def _add_common(command: argparse.ArgumentParser) -> None:
+def _add_config_path(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--containerd-registry-config-path",
         type=parse_directory,
@@ -111,6 +150,20 @@ def _add_common(command: argparse.ArgumentParser) -> None:
         help=f"containerd's registry config_path; default {DEFAULT_CONFIG_PATH} "
         "(env CONTAINERD_REGISTRY_CONFIG_PATH)",
     )
+
+
+def _add_mirrored_registries(command: argparse.ArgumentParser, default: str) -> None:
+    command.add_argument(
+        "--mirrored-registries",
+        nargs="*",
+        action="extend",
+        metavar="URL",
+        help=f"registries to mirror, space or comma separated (https://docker.io); {default}",
+    )
+
+
+def _add_common(command: argparse.ArgumentParser) -> None:
+    _add_config_path(command)
     command.add_argument(
         "--log-level",
         type=parse_log_level,
@@ -146,11 +199,38 @@ def _list_setting(args: argparse.Namespace, key: str, environ: Mapping[str, str]
     return [item.strip() for value in values for item in value.split(",") if item.strip()]
 
 
-def _run(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
-    verbose = _setting(args, "log-level", environ, parse_log_level, "INFO") in ("DEBUG", "INFO")
-    config_path = _setting(
+def _config_path(args: argparse.Namespace, environ: Mapping[str, str]) -> Path:
+    return _setting(
         args, "containerd-registry-config-path", environ, parse_directory, DEFAULT_CONFIG_PATH
     )
+
+
+def _doctor(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """Print each check's line as it ends; 1 if any failed."""
+    node = load_config(args.config, environ, {"containerd-sock": args.containerd_sock})
+    flagged = _list_setting(args, "mirrored-registries", {})
+    if flagged:
+        directories = [r.directory for r in hostsconfig.parse_mirrored_registries(flagged)]
+    else:
+        directories = list(node.mirrored_registries) or [hostsconfig.DEFAULT_DIR]
+    checkup = doctor.Checkup(
+        node=node,
+        environ=environ,
+        containerd_config=args.containerd_config,
+        hosts_dir=_config_path(args, environ),
+        directories=directories,
+        timeout=args.timeout,
+    )
+    passed = True
+    for finding in doctor.run_checks(checkup):
+        print(finding, flush=True)
+        passed = passed and finding.passed
+    return 0 if passed else 1
+
+
+def _run(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    verbose = _setting(args, "log-level", environ, parse_log_level, "INFO") in ("DEBUG", "INFO")
+    config_path = _config_path(args, environ)
     if args.command == "cleanup":
         restored = hostsconfig.cleanup_configuration(config_path)
         if verbose:
@@ -181,6 +261,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return 0
     environ = os.environ if environ is None else environ
     try:
+        if args.command == "doctor":
+            return _doctor(args, environ)
         _run(args, environ)
     except ConfigError as e:
         print(f"spegel-tx {args.command}: error: --{e.key}: {e.problem}", file=sys.stderr)
