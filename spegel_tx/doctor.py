@@ -13,6 +13,7 @@ one answer at a time, so a reactor would only add start-up and shutdown code.
 from __future__ import annotations
 
 import glob
+import hashlib
 import http.client
 import json
 import os
@@ -32,7 +33,7 @@ from spegel_tx.containerd import hostsconfig
 from spegel_tx.containerd.client import ContainerdClient
 from spegel_tx.errors import ConfigError, SpegelError
 from spegel_tx.routing.kademlia.codec import DecodeError, decode, encode
-from spegel_tx.routing.kademlia.messages import ID_LENGTH, Header, Message, Ping, Pong
+from spegel_tx.routing.kademlia.messages import Header, Message, Ping, Pong
 
 DEFAULT_CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")
 CAPABILITIES = ("pull", "resolve", "push")
@@ -51,6 +52,10 @@ IMAGES_TABLES = {
     2: ("io.containerd.grpc.v1.cri", "containerd"),
     3: ("io.containerd.cri.v1.images",),
 }
+DOCTOR_ID = hashlib.sha256(b"spegel-tx doctor").digest()
+"""The node id the doctor pings with. A ping makes its sender a contact of the node until the
+node's next search finds it silent; a fixed id lets the peers check leave doctors out, so a
+second run does not count the first one as a peer."""
 _IGNORED = "containerd ignores the whole file"
 _RESTART = "and restart containerd"
 _MISSING = object()
@@ -367,8 +372,10 @@ def check_containerd(address: str, namespace: str, timeout: float) -> tuple[Find
     try:
         answer = client.version()
     except SpegelError as e:
+        # grpc's message names the address three times; its last part is the cause.
+        cause = str(e).rsplit("error: ", 1)[-1]
         return fail(
-            f"containerd not reachable at {address} ({e}): check containerd-sock, that "
+            f"containerd not reachable at {address} ({cause}): check containerd-sock, that "
             "containerd runs, and that this user may open the socket"
         ), None
     finally:
@@ -491,19 +498,25 @@ def check_registry(config: Config, timeout: float) -> Finding:
     return ok(f"registry {base}: /v2/ 200, /readyz 200")
 
 
+def real_peers(page: bytes) -> list[Any] | None:
+    """The routing table of a /debug/peers page, without doctors; None if it has none."""
+    try:
+        peers = json.loads(page)["peers"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(peers, list):
+        return None
+    return [p for p in peers if not isinstance(p, dict) or p.get("node_id") != DOCTOR_ID.hex()]
+
+
 def check_peers(config: Config, timeout: float) -> Finding:
-    """Runs before the router's ping: a ping makes the doctor itself one of the node's
-    contacts until its next search, and would count here."""
     url = f"http://{connect_address(config.metrics_addr)}/debug/peers"
     try:
         status, body = _http_get(url, timeout)
     except _NETWORK_ERRORS as e:
         return fail(f"{url} not reachable ({_reason(e)}): check metrics-addr")
-    try:
-        peers = json.loads(body)["peers"] if status == 200 else None
-    except (ValueError, KeyError, TypeError):
-        peers = None
-    if not isinstance(peers, list):
+    peers = real_peers(body) if status == 200 else None
+    if peers is None:
         return fail(f"{url} answers {status} without a peers list")
     if peers:
         return ok(f"{len(peers)} DHT peer{'s' if len(peers) > 1 else ''} known ({url})")
@@ -523,8 +536,8 @@ def no_peers_advice(config: Config) -> str:
 
 
 def ping_datagram(txid: bytes, secret: bytes | None) -> bytes:
-    """A DHT Ping from a throwaway node id, stamped now (a signed one must be fresh)."""
-    header = Header(txid, os.urandom(ID_LENGTH), 0, int(time.time() * 1000))
+    """A DHT Ping from DOCTOR_ID, stamped now (a signed one must be fresh)."""
+    header = Header(txid, DOCTOR_ID, 0, int(time.time() * 1000))
     return encode(Message(header, Ping()), secret)
 
 
@@ -599,7 +612,7 @@ class Checkup:
 
 
 def run_checks(checkup: Checkup) -> Iterator[Finding]:
-    """Every check, in order; the peers check comes before the router's ping (see there)."""
+    """Every check, in order."""
     node, timeout = checkup.node, checkup.timeout
     finding, version = check_containerd(node.containerd_sock, node.containerd_namespace, timeout)
     yield finding
@@ -607,5 +620,5 @@ def run_checks(checkup: Checkup) -> Iterator[Finding]:
     mirror_url = f"http://{connect_address(node.registry_addr)}"
     yield from check_hosts_files(checkup.hosts_dir, checkup.directories, mirror_url)
     yield check_registry(node, timeout)
-    yield check_peers(node, timeout)
     yield check_router(node, checkup.environ, timeout)
+    yield check_peers(node, timeout)

@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from spegel_tx import cli
 from spegel_tx.config import Address, load_config
 from spegel_tx.containerd.hostsconfig import MirroredRegistry, render_hosts_toml
 from spegel_tx.doctor import (
+    DOCTOR_ID,
     ConfigFile,
     Finding,
     check_config_path,
@@ -22,6 +25,7 @@ from spegel_tx.doctor import (
     no_peers_advice,
     parse_config_file,
     ping_datagram,
+    real_peers,
     release,
     review_hosts_toml,
 )
@@ -406,6 +410,15 @@ def test_another_registrys_file_shadows_default(tmp_path: Path):
 # network details
 
 
+def test_peers_leave_out_doctors_that_pinged_the_node():
+    peer = {"node_id": "ab" * 32, "host": "10.0.0.2", "port": 5001}
+    doctor = {"node_id": DOCTOR_ID.hex(), "host": "127.0.0.1", "port": 40000}
+    assert real_peers(json.dumps({"peers": [doctor, peer]}).encode()) == [peer]
+    assert real_peers(json.dumps({"peers": [doctor]}).encode()) == []
+    assert real_peers(b'{"peers": 3}') is None
+    assert real_peers(b"<html>") is None
+
+
 @pytest.mark.parametrize(
     ("host", "expected"),
     [("", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"), ("::", "::1"), ("10.0.0.5", "10.0.0.5")],
@@ -429,6 +442,7 @@ def test_ping_datagram_and_its_pong(secret):
     txid = b"12345678"
     ping = decode(ping_datagram(txid, secret), secret)
     assert isinstance(ping.body, Ping) and ping.header.txid == txid
+    assert ping.header.sender_id == DOCTOR_ID
     node = b"n" * 32
     pong = encode(Message(Header(txid, node, 5000, ping.header.timestamp_ms), Pong()), secret)
     assert is_pong(pong, txid, secret)
@@ -438,3 +452,21 @@ def test_ping_datagram_and_its_pong(secret):
     assert not is_pong(other, txid, secret), "a ping is no answer"
     if secret is not None:
         assert not is_pong(pong, txid, b"t" * 16), "signed with another secret"
+
+
+def test_doctor_command_line_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    node_yaml = tmp_path / "node.yaml"
+    node_yaml.write_text("registry-addr: nope\n")
+    assert cli.main(["doctor", f"--config={node_yaml}"], environ={}) == 2
+    assert capsys.readouterr().err == (
+        "spegel-tx doctor: error: --registry-addr: 'nope' has no port; write host:port or :port\n"
+    )
+    flags = ["doctor", f"--containerd-config={tmp_path}", "--mirrored-registries=docker.io"]
+    assert cli.main(flags, environ={}) == 2
+    assert "--mirrored-registries: 'docker.io' is not an http:// or https:// URL" in (
+        capsys.readouterr().err
+    )
+    for timeout in ("0", "-1", "soon", "inf"):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["doctor", f"--timeout={timeout}"], environ={})
+        assert exited.value.code == 2
