@@ -25,6 +25,8 @@ state = "{base}/state"
   path = "{base}/opt"
 [plugins."io.containerd.metadata.v1.bolt"]
   content_sharing_policy = "isolated"
+{cri}"""
+CRI_REGISTRY = """\
 [plugins."io.containerd.grpc.v1.cri".registry]
   config_path = "{base}/certs.d"
 """
@@ -39,7 +41,9 @@ class Containerd:
 
     namespace = "k8s.io"
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, cri: str = CRI_REGISTRY) -> None:
+        """``cri`` is the config's CRI plugin tables (``{base}`` is replaced); the default
+        points its registry config_path at ``certs_dir``."""
         self.base = base
         base.mkdir(parents=True, exist_ok=True)
         self.address = str(base / "containerd.sock")
@@ -49,7 +53,7 @@ class Containerd:
         self.certs_dir.mkdir(exist_ok=True)
         self.log_path = base / "containerd.log"
         self.config = base / "config.toml"
-        self.config.write_text(CONFIG.format(base=base))
+        self.config.write_text(CONFIG.format(base=base, cri=cri.format(base=base)))
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
