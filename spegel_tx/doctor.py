@@ -282,13 +282,20 @@ def review_hosts_toml(text: str) -> HostsReview:
         problems.append(f'host must hold only tables such as [host."http://..."]: {_IGNORED}')
         hosts = {}
     for name, table in hosts.items():
-        problems += _scheme_problems(f'host "{name}"', name, f'[host."http://{name}"]')
+        if not _has_scheme(name):
+            problems.append(
+                f'host "{name}" has no scheme: containerd tries https://{name}, and when that '
+                f'fails falls back to the upstream without a word; write [host."http://{name}"]'
+            )
         problems += _host_table_problems(f'[host."{name}"]', table)
     server = data.get("server")
     if server is not None and not isinstance(server, str):
         problems.append(f"server must be a string: {_IGNORED}")
-    elif server:
-        problems += _scheme_problems(f'server = "{server}"', server, f'server = "https://{server}"')
+    elif server and not _has_scheme(server):
+        problems.append(
+            f'server = "{server}" has no scheme: containerd reads it as https://{server}; '
+            f'write server = "https://{server}"'
+        )
     problems += _host_table_problems("the top level", data)
     capable = [name for name, table in hosts.items() if "pull" in _capabilities(table)]
     if hosts and not capable:
@@ -298,13 +305,8 @@ def review_hosts_toml(text: str) -> HostsReview:
     return HostsReview(tuple(tried), tuple(problems))
 
 
-def _scheme_problems(what: str, url: str, fix: str) -> list[str]:
-    if url.startswith(("http://", "https://")):
-        return []
-    return [
-        f"{what} has no scheme: containerd tries https://{url}, and when that fails falls "
-        f"back to the upstream without a word; write {fix}"
-    ]
+def _has_scheme(url: str) -> bool:
+    return url.startswith(("http://", "https://"))
 
 
 def _capabilities(table: Mapping[str, Any]) -> list[str]:
