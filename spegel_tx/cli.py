@@ -116,7 +116,8 @@ def _build_parser() -> argparse.ArgumentParser:
     checkup.add_argument(
         "--config",
         metavar="FILE",
-        help="the node.yaml the daemon runs with; its environment variables apply too",
+        help="the node.yaml the daemon runs with; environment variables (REGISTRY_ADDR, ...) "
+        "override it as they do for the daemon",
     )
     checkup.add_argument(
         "--containerd-sock", metavar="PATH", help="default: the node's containerd-sock"
