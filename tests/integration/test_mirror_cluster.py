@@ -27,21 +27,23 @@ from typing import Any
 import pytest
 
 from tests.support.cluster import (
+    ADVERTISE_WITHIN,
     MiB,
     MirrorCluster,
     PullFailed,
     SpegelNode,
     http_get,
+    keys_of,
     poll,
     sha256_file,
+    start_holding,
+    start_without,
+    wait_until_listed,
 )
 from tests.support.ociimage import SyntheticImage
 from tests.support.prometheus import Scrape
 
 pytestmark = pytest.mark.integration
-
-ADVERTISE_WITHIN = 10.0
-"""Seconds an advertisement or a withdrawal may take to show ("within seconds")."""
 
 NOT_FOUND_BUDGET = 0.050
 DEAD_PROVIDER_BUDGET = 1.0
@@ -84,49 +86,12 @@ def assert_holds_exactly(node: SpegelNode, image: SyntheticImage) -> None:
         assert sha256_file(node.blob_path(digest)) == digest
 
 
-def providers_of(node: SpegelNode, keys: list[str]) -> dict[str, set[str]]:
-    return {key: set(node.lookup(key)) for key in keys}
-
-
-def wait_until_listed(
-    asker: SpegelNode, keys: list[str], holders: list[SpegelNode]
-) -> dict[str, set[str]]:
-    """Poll ``asker``'s /debug/lookup until every key lists every holder."""
-    wanted = {holder.address for holder in holders}
-
-    def listed() -> dict[str, set[str]] | None:
-        found = providers_of(asker, keys)
-        return found if all(wanted <= providers for providers in found.values()) else None
-
-    found = poll(listed, ADVERTISE_WITHIN, 0.2)
-    assert found, f"{asker} never found {wanted} for all of {keys}: {providers_of(asker, keys)}"
-    return found
-
-
 def median_seconds(measure: Any, tries: int) -> tuple[float, list[float]]:
     samples = [measure() for _ in range(tries)]
     return statistics.median(samples), samples
 
 
 # --- putting the cluster in a scenario's starting state --------------------------------------
-
-
-def keys_of(image: SyntheticImage) -> list[str]:
-    """What a holder advertises: the tag, and every digest (index, manifest, config, layers)."""
-    return [image.name, *image.digests]
-
-
-def start_holding(cluster: MirrorCluster, node: SpegelNode, image: SyntheticImage) -> None:
-    """``node`` runs, holds ``image`` and is found for it by the others."""
-    cluster.ensure_running(node)
-    cluster.ensure_holds(node, image)
-    for other in cluster.nodes.values():
-        if other is not node and other.alive():
-            wait_until_listed(other, [image.name, image.layer_digests[0]], [node])
-
-
-def start_without(node: SpegelNode, image: SyntheticImage) -> None:
-    node.remove_image(image.name, image.digests)
 
 
 def wait_until_forwarding_to(

@@ -54,6 +54,9 @@ NODE_HOSTS = {"A": "127.0.0.31", "B": "127.0.0.32", "C": "127.0.0.33"}
 BIG_LAYERS = (64 * MiB, 32 * MiB, 8 * MiB, 1 * MiB)
 """105 MiB in four layers; the 64 MiB one is long enough to kill a peer in the middle of it."""
 
+ADVERTISE_WITHIN = 10.0
+"""Seconds an advertisement or a withdrawal may take to show ("within seconds")."""
+
 
 @dataclass(frozen=True)
 class Response:
@@ -456,6 +459,46 @@ class MirrorCluster:
             )
             if not advertised:
                 raise RuntimeError(f"{node} did not advertise after a restart:\n{node.log_tail()}")
+
+
+# Putting the cluster in a scenario's starting state
+
+
+def keys_of(image: SyntheticImage) -> list[str]:
+    """What a holder advertises: the tag, and every digest (index, manifest, config, layers)."""
+    return [image.name, *image.digests]
+
+
+def start_holding(cluster: MirrorCluster, node: SpegelNode, image: SyntheticImage) -> None:
+    """``node`` runs, holds ``image`` and is found for it by the others."""
+    cluster.ensure_running(node)
+    cluster.ensure_holds(node, image)
+    for other in cluster.nodes.values():
+        if other is not node and other.alive():
+            wait_until_listed(other, [image.name, image.layer_digests[0]], [node])
+
+
+def start_without(node: SpegelNode, image: SyntheticImage) -> None:
+    node.remove_image(image.name, image.digests)
+
+
+def providers_of(node: SpegelNode, keys: list[str]) -> dict[str, set[str]]:
+    return {key: set(node.lookup(key)) for key in keys}
+
+
+def wait_until_listed(
+    asker: SpegelNode, keys: list[str], holders: list[SpegelNode]
+) -> dict[str, set[str]]:
+    """Poll ``asker``'s /debug/lookup until every key lists every holder."""
+    wanted = {holder.address for holder in holders}
+
+    def listed() -> dict[str, set[str]] | None:
+        found = providers_of(asker, keys)
+        return found if all(wanted <= providers for providers in found.values()) else None
+
+    found = poll(listed, ADVERTISE_WITHIN, 0.2)
+    assert found, f"{asker} never found {wanted} for all of {keys}: {providers_of(asker, keys)}"
+    return found
 
 
 @contextmanager
