@@ -1,4 +1,5 @@
-"""Operator endpoints on the metrics address: "who are my peers?" and "who has this image?"."""
+"""Operator endpoints on the metrics address: "who are my peers?", "who has this image?",
+and the debug web page when it is enabled."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from typing import Any
 
 from klein import Klein
 from twisted.web.iweb import IRequest
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource
 
+from spegel_tx.routing.kademlia.protocol import KademliaProtocol
 from spegel_tx.routing.kademlia.router import KademliaRouter
 
 LOOKUP_BUDGET = 3.0
@@ -18,9 +22,11 @@ LOOKUP_BUDGET = 3.0
 class DebugPages:
     app = Klein()
 
-    def __init__(self, clock: Any, router: KademliaRouter) -> None:
+    def __init__(self, clock: Any, router: KademliaRouter, web: IResource | None = None) -> None:
+        """``web`` is the debug web page, None unless ``debug-web-enabled``."""
         self._clock = clock
         self._router = router
+        self._web = web
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -31,21 +37,18 @@ class DebugPages:
         page = {
             "node_id": protocol.node_id.hex(),
             "ready": self._router.ready(),
-            "peers": [
-                {"node_id": c.node_id.hex(), "host": c.host, "port": c.port}
-                for c in protocol.table.contacts()
-            ],
+            "peers": routing_table(protocol),
             "records_stored": sum(len(holders) for holders in protocol.records.values()),
             "counters": dict(protocol.counters),
         }
-        return _json(request, page)
+        return json_page(request, page)
 
     @app.route("/lookup", methods=["GET"])
     async def lookup(self, request: IRequest) -> bytes:
         keys = request.args.get(b"key")
         if not keys:
             request.setResponseCode(400)
-            return _json(request, {"error": "pass ?key=sha256:<hex> or ?key=registry/repo:tag"})
+            return json_page(request, {"error": "pass ?key=sha256:<hex> or ?key=registry/repo:tag"})
         key = keys[0].decode("utf-8", "replace")
         started = time.monotonic()
         search = self._router.lookup(key, 20)
@@ -58,9 +61,20 @@ class DebugPages:
             if deadline.active():
                 deadline.cancel()
         elapsed_ms = round((time.monotonic() - started) * 1000, 3)
-        return _json(request, {"key": key, "providers": providers, "elapsed_ms": elapsed_ms})
+        return json_page(request, {"key": key, "providers": providers, "elapsed_ms": elapsed_ms})
+
+    @app.route("/web/", branch=True)
+    def web(self, request: IRequest) -> IResource:
+        return self._web if self._web is not None else notFound()
 
 
-def _json(request: IRequest, document: Any) -> bytes:
+def routing_table(protocol: KademliaProtocol) -> list[dict[str, Any]]:
+    return [
+        {"node_id": c.node_id.hex(), "host": c.host, "port": c.port}
+        for c in protocol.table.contacts()
+    ]
+
+
+def json_page(request: IRequest, document: Any) -> bytes:
     request.setHeader(b"content-type", b"application/json")
     return json.dumps(document, indent=1).encode()

@@ -14,6 +14,7 @@ from twisted.web.server import Site
 from spegel_tx.config import Config, router_secret
 from spegel_tx.containerd.store import ContainerdStore
 from spegel_tx.debug import DebugPages
+from spegel_tx.debugweb import DebugWeb
 from spegel_tx.interfaces import IBootstrapper
 from spegel_tx.metrics import MetricsResource
 from spegel_tx.nodemetrics import NodeMetrics
@@ -38,19 +39,19 @@ def make_bootstrapper(config: Config, reactor: Any) -> IBootstrapper:
     return StaticBootstrapper(reactor, config.static_bootstrap_peers)
 
 
-def make_mirror(
-    config: Config, reactor: Any, router: KademliaRouter, metrics: NodeMetrics
-) -> Mirror:
-    """One persistent connection pool to all peers, so a pull's many blobs reuse connections."""
-    agent = peer_agent(reactor, config.mirror_connect_timeout, PEER_CONNECTIONS)
-    settings = MirrorSettings(
+def mirror_settings(config: Config) -> MirrorSettings:
+    return MirrorSettings(
         resolve_timeout=config.mirror_resolve_timeout,
         resolve_retries=config.mirror_resolve_retries,
         response_timeout=config.mirror_response_timeout,
         idle_timeout=config.mirror_idle_timeout,
         quarantine=config.mirror_peer_quarantine,
     )
-    return Mirror(reactor, router, HTTPClient(agent), settings, metrics=metrics)
+
+
+def peer_client(config: Config, reactor: Any) -> HTTPClient:
+    """One persistent connection pool to all peers, so a pull's many blobs reuse connections."""
+    return HTTPClient(peer_agent(reactor, config.mirror_connect_timeout, PEER_CONNECTIONS))
 
 
 def make_service(config: Config, reactor: Any) -> MultiService:
@@ -91,7 +92,9 @@ def make_service(config: Config, reactor: Any) -> MultiService:
     metrics.watch_state(tracker)
 
     has_peers = bool(config.static_bootstrap_peers) or config.bootstrap_kind == "dns"
-    mirror = make_mirror(config, reactor, router, metrics) if has_peers else None
+    client = peer_client(config, reactor)
+    settings = mirror_settings(config)
+    mirror = Mirror(reactor, router, client, settings, metrics=metrics) if has_peers else None
     if mirror is not None:
         metrics.watch_mirror(mirror)
     registry = Registry(
@@ -103,9 +106,19 @@ def make_service(config: Config, reactor: Any) -> MultiService:
         interface=config.registry_addr.host,
         reactor=reactor,
     ).setServiceParent(node)
+    web = None
+    if config.debug_web_enabled:
+        addresses = {
+            "registry": str(config.registry_addr),
+            "router": str(config.router_addr),
+            "metrics": str(config.metrics_addr),
+        }
+        web = DebugWeb(
+            reactor, router, router.protocol, tracker, metrics, client, settings, addresses
+        ).resource()
     TCPServer(
         config.metrics_addr.port,
-        Site(metrics_root(metrics, DebugPages(reactor, router))),
+        Site(metrics_root(metrics, DebugPages(reactor, router, web))),
         interface=config.metrics_addr.host,
         reactor=reactor,
     ).setServiceParent(node)
