@@ -1,0 +1,83 @@
+{{/* The chart name, or nameOverride; Kubernetes names stop at 63 characters. */}}
+{{- define "spegel-tx.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Prefix of every resource name: fullnameOverride, else the release name, with the
+chart name added unless the release name already holds it. */}}
+{{- define "spegel-tx.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "spegel-tx.namespace" -}}
+{{- default .Release.Namespace .Values.namespaceOverride }}
+{{- end }}
+
+{{- define "spegel-tx.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "spegel-tx.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "spegel-tx.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "spegel-tx.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "spegel-tx.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+{{- end }}
+
+{{/* The headless Service's name, which spegel-tx resolves to find its peers. The
+twisted resolver does not walk resolv.conf's search list, so the name is complete. */}}
+{{- define "spegel-tx.bootstrapDomain" -}}
+{{- printf "%s-bootstrap.%s.svc.%s" (include "spegel-tx.fullname" .) (include "spegel-tx.namespace" .) (.Values.clusterDomain | trimSuffix ".") }}
+{{- end }}
+
+{{/* What containerd is given, in the order it tries them: this node's spegel-tx,
+then any node's through the NodePort, then the additional targets. $(NODE_IP) is
+expanded by the kubelet from the container's environment. */}}
+{{- define "spegel-tx.mirrorTargets" -}}
+{{- $registry := .Values.service.registry }}
+{{- if eq $registry.mode "hostPort" }}
+- http://$(NODE_IP):{{ $registry.hostPort }}
+{{- else if eq $registry.mode "nodeLocalService" }}
+- http://{{ required "service.registry.clusterIP is required in nodeLocalService mode" $registry.clusterIP }}:{{ $registry.port }}
+{{- else }}
+{{- fail (printf "service.registry.mode must be hostPort or nodeLocalService, not %q" $registry.mode) }}
+{{- end }}
+{{- with $registry.nodePort }}
+- http://$(NODE_IP):{{ . }}
+{{- end }}
+{{- range .Values.spegel.additionalMirrorTargets }}
+- {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "spegel-tx.nodeIpEnv" -}}
+- name: NODE_IP
+{{- if .Values.service.registry.nodeIp }}
+  value: {{ .Values.service.registry.nodeIp | quote }}
+{{- else }}
+  valueFrom:
+    fieldRef:
+      fieldPath: status.hostIP
+{{- end }}
+{{- end }}
