@@ -3,8 +3,12 @@
 import os
 import subprocess
 import sys
+import urllib.request
+
+import yaml
 
 import spegel_tx
+from tests.support.processes import free_ports, start_process, stop_process, wait_for_http
 
 DISCOVER = """
 from twisted.application.service import IServiceMaker
@@ -15,8 +19,12 @@ print(sorted(p.tapname for p in getPlugins(IServiceMaker)))
 """
 
 
+def outside_tree_environment() -> dict[str, str]:
+    return {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+
+
 def run_outside_tree(tmp_path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env = outside_tree_environment()
     return subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
 
 
@@ -46,3 +54,33 @@ def test_twistd_refuses_a_bad_config_with_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "spegel-tx: invalid configuration: registry-addr: 5000 is not a string"
     ]
+
+
+def test_the_installed_package_serves_the_debug_page(tmp_path):
+    """The page's files are package data: a node installed with pip must serve them too."""
+    host = "127.0.0.1"
+    registry, router, metrics = free_ports(host, 3)
+    config = tmp_path / "node.yaml"
+    keys = {
+        "registry-addr": f"{host}:{registry}",
+        "router-addr": f"{host}:{router}",
+        "metrics-addr": f"{host}:{metrics}",
+        "containerd-sock": str(tmp_path / "no-containerd.sock"),
+        "debug-web-enabled": True,
+    }
+    config.write_text(yaml.safe_dump(keys))
+    log = tmp_path / "twistd.log"
+    process = start_process(
+        ["twistd", "-n", "--pidfile=", "spegel", "--config", str(config)],
+        log,
+        cwd=tmp_path,
+        env=outside_tree_environment(),
+    )
+    try:
+        page = f"http://{host}:{metrics}/debug/web/"
+        wait_for_http(page, process, log, 30)
+        for name in ("app.js", "style.css", "api/node"):
+            with urllib.request.urlopen(page + name, timeout=10) as response:
+                assert response.status == 200 and response.read(), name
+    finally:
+        stop_process(process)
