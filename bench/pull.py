@@ -17,10 +17,12 @@ display's next 100 ms tick). Each way in three cases:
   (b) through B's spegel-tx, which forwards to A, with the upstream still limited;
   (c) straight from the upstream, unlimited: containerd's own ingest speed.
 
-For each way it prints the times (median of ``--rounds``), the improvement of
-(b) over (a) (Spegel publishes 81%), and (b)/(c), what spegel-tx adds to
-containerd's own time. Then the blob path alone: the 64 MiB layer fetched with
-curl from A (local, sendfile) and from B (forwarded from A), and B's peak RSS.
+(b) and (c) take turns, round by round, so that a busy spell on the machine
+slows both rather than skewing their ratio. For each way it prints the times
+(median of ``--rounds``), the improvement of (b) over (a) (Spegel publishes
+81%), and (b)/(c), what spegel-tx adds to containerd's own time. Then the blob
+path alone: the 64 MiB layer fetched with curl from A (local, sendfile) and
+from B (forwarded from A), and B's peak RSS.
 The shaping is removed and every process stopped (by PID) however the run ends,
 SIGTERM included.
 """
@@ -165,18 +167,19 @@ def measure(cluster: MirrorCluster, rounds: int) -> None:
         time.sleep(0.2)
 
     ways = (PULL, FETCH)
-    limited: dict[Way, list[float]] = {}
-    mirrored: dict[Way, list[float]] = {}
-    upstream_blobs: dict[Way, int] = {}
     with upstream_limited():
+        limited = {way: timed_pulls(cluster, pull_direct, way, min(rounds, 2)) for way in ways}
+    mirrored: dict[Way, list[float]] = {way: [] for way in ways}
+    local: dict[Way, list[float]] = {way: [] for way in ways}
+    upstream_blobs = dict.fromkeys(ways, 0)
+    for _ in range(rounds):
         for way in ways:
-            limited[way] = timed_pulls(cluster, pull_direct, way, min(rounds, 2))
-        for way in ways:
-            since = cluster.upstream.log_offset()
-            mirrored[way] = timed_pulls(cluster, pull_through_spegel, way, rounds)
-            requests = cluster.upstream.requests(since)
-            upstream_blobs[way] = sum("/blobs/" in r.uri for r in requests)
-    local = {way: timed_pulls(cluster, pull_direct, way, rounds) for way in ways}
+            with upstream_limited():
+                since = cluster.upstream.log_offset()
+                mirrored[way] += timed_pulls(cluster, pull_through_spegel, way, 1)
+                requests = cluster.upstream.requests(since)
+                upstream_blobs[way] += sum("/blobs/" in r.uri for r in requests)
+            local[way] += timed_pulls(cluster, pull_direct, way, 1)
     for way in ways:
         report(way, limited[way], mirrored[way], local[way], upstream_blobs[way])
 
