@@ -39,7 +39,7 @@ from spegel_tx.oci.manifest import (
 )
 from spegel_tx.oci.reference import split_image_name
 from spegel_tx.registry.app import MAX_MANIFEST_SIZE
-from spegel_tx.registry.mirror import MIRRORED_HEADER, MirrorSettings
+from spegel_tx.registry.mirror import MIRRORED_HEADER, MirrorSettings, peer_url, request_peer
 from spegel_tx.registry.peers import Peer
 from spegel_tx.routing.kademlia.protocol import KademliaProtocol
 from spegel_tx.state import StateTracker
@@ -219,7 +219,7 @@ class DebugWeb:
                     item.lookup_ms = round((time.perf_counter() - started) * 1000, 3)
                 address = str(Address(*peer))
                 try:
-                    body = await self._get(item, address, path, keep)
+                    body = await self._get(item, peer_url(peer, path), keep)
                 except CancelledError:
                     raise  # the operator went away: stop measuring
                 except Exception as e:
@@ -245,26 +245,14 @@ class DebugWeb:
             if deadline.active():
                 deadline.cancel()
 
-    async def _get(self, item: Item, address: str, path: str, keep: bool) -> bytes | None:
-        """GET ``path`` from the peer as a forwarded request, filling in ``item``'s
+    async def _get(self, item: Item, url: str, keep: bool) -> bytes | None:
+        """GET ``url`` from a peer as a forwarded request, filling in ``item``'s
         figures; each step bounded by the mirror's own timeouts."""
         started = time.perf_counter()
         headers = {MIRRORED_HEADER: [b"true"], b"accept": [_ACCEPT]}
-        answer = self._client.request(
-            "GET", f"http://{address}{path}", headers=headers, unbuffered=True
+        response = await request_peer(
+            self._clock, self._client, "GET", url, headers, self._settings.response_timeout
         )
-        timeout = self._clock.callLater(self._settings.response_timeout, answer.cancel)
-        try:
-            response = await answer
-        except CancelledError:
-            if timeout.active():
-                raise
-            raise PeerFailed(
-                f"no response headers within {self._settings.response_timeout:g} s"
-            ) from None
-        finally:
-            if timeout.active():
-                timeout.cancel()
         reader = BodyCounter(
             self._clock, self._settings.idle_timeout, keep and response.code == 200
         )

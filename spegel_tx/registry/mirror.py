@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.server import Request
 
+from spegel_tx.config import Address
 from spegel_tx.errors import NotFound
 from spegel_tx.interfaces import ILookup, IRouter
 from spegel_tx.nodemetrics import NodeMetrics
@@ -70,7 +71,7 @@ class MirrorBodyFailed(Exception):
     """The body could not be completed after headers went out: the client must be cut off."""
 
 
-class _PeerTimedOut(Exception):
+class PeerTimedOut(Exception):
     """A peer sent no response headers in time."""
 
 
@@ -260,15 +261,17 @@ class Mirror:
         headers: dict[bytes, list[bytes]],
         events: DeferredQueue[Any],
     ) -> Deferred[Any]:
-        host = f"[{peer[0]}]" if ":" in peer[0] else peer[0]
-        url = f"http://{host}:{peer[1]}{uri.decode('latin-1')}"
         started = self._clock.seconds()
-        attempt: Deferred[Any] = self._client.request(method, url, headers=headers, unbuffered=True)
-        timeout = self._clock.callLater(self.settings.response_timeout, attempt.cancel)
+        attempt = request_peer(
+            self._clock,
+            self._client,
+            method,
+            peer_url(peer, uri.decode("latin-1")),
+            headers,
+            self.settings.response_timeout,
+        )
 
         def answered(response: Any) -> Any:
-            if timeout.active():
-                timeout.cancel()
             usable = response.code == 200 or (response.code == 206 and _range_start(response) >= 0)
             if method != "HEAD" and response.length is UNKNOWN_LENGTH:
                 usable = False
@@ -278,15 +281,7 @@ class Mirror:
             self.health.answered(self._clock.seconds() - started)
             return response
 
-        def failed(failure: Failure) -> Failure:
-            if timeout.active():
-                timeout.cancel()
-            elif failure.check(CancelledError):
-                timeout_text = f"no response within {self.settings.response_timeout}s"
-                return Failure(_PeerTimedOut(timeout_text))
-            return failure
-
-        attempt.addCallbacks(answered, failed)
+        attempt.addCallback(answered)
         attempt.addCallbacks(
             lambda response: events.put((peer, response, None)),
             lambda failure: events.put((peer, None, failure)),
@@ -302,6 +297,33 @@ class Mirror:
             self.counters["peer_failed"] += 1
             self.health.quarantine(peer)
         _log.info("peer {peer} failed: {reason}", peer=f"{peer[0]}:{peer[1]}", reason=str(reason))
+
+
+def peer_url(peer: Peer, path: str) -> str:
+    return f"http://{Address(*peer)}{path}"
+
+
+def request_peer(
+    clock: Any,
+    client: Any,
+    method: str,
+    url: str,
+    headers: dict[bytes, list[bytes]],
+    timeout: float,
+) -> Deferred[Any]:
+    """A streamed request whose response headers must arrive within ``timeout`` seconds,
+    or it fails with PeerTimedOut; cancelling it otherwise still means CancelledError."""
+    attempt: Deferred[Any] = client.request(method, url, headers=headers, unbuffered=True)
+    timer = clock.callLater(timeout, attempt.cancel)
+
+    def settled(result: Any) -> Any:
+        if timer.active():
+            timer.cancel()
+        elif isinstance(result, Failure) and result.check(CancelledError):
+            return Failure(PeerTimedOut(f"no response headers within {timeout:g} s"))
+        return result
+
+    return attempt.addBoth(settled)
 
 
 class _Providers:
