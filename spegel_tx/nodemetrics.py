@@ -120,8 +120,7 @@ class NodeMetrics:
     # The registry's requests
 
     def request_started(self, path: bytes) -> None:
-        handler = _handler(path)
-        self.http_inflight.set(self.http_inflight.value(handler) + 1, handler)
+        self.http_inflight.inc(_handler(path))
 
     def request_finished(
         self,
@@ -137,7 +136,7 @@ class NodeMetrics:
     ) -> None:
         """``served_by`` is the access log's ``handler``: ``local``, ``mirror`` or ``-``."""
         handler = _handler(path)
-        self.http_inflight.set(self.http_inflight.value(handler) - 1, handler)
+        self.http_inflight.inc(handler, amount=-1)
         self.http_duration.observe(seconds, handler, method, str(code))
         self.http_size.observe(sent, handler, method, str(code))
         if served_by == "local":

@@ -51,7 +51,6 @@ class AccessLogRequest(Request):
             completed=result is None,
         )
         if self._metrics is not None:
-            namespace = self.args.get(b"ns", [b""])[0].decode("utf-8", "replace")
             self._metrics.request_finished(
                 self.path,
                 method,
@@ -59,10 +58,16 @@ class AccessLogRequest(Request):
                 self.sentLength,
                 seconds,
                 served_by=self.handler,
-                registry=namespace,
+                registry=requested_registry(self) or "",
                 peer=self.peer,
                 completed=result is None,
             )
+
+
+def requested_registry(request: Any) -> str | None:
+    """The registry a request names in containerd's ``ns`` parameter, if any."""
+    values = request.args.get(b"ns")
+    return values[0].decode("utf-8", "replace") if values else None
 
 
 def set_handler(request: Any, handler: str, peer: str = "-") -> None:

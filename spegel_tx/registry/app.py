@@ -29,7 +29,7 @@ from spegel_tx.oci.errors import ErrorCode, error_body
 from spegel_tx.oci.manifest import MANIFEST_MEDIA_TYPES
 from spegel_tx.oci.ranges import RangeNotSatisfiable, parse_range
 from spegel_tx.oci.reference import Reference, parse_reference, parse_repository, split_image_name
-from spegel_tx.registry.access import set_handler
+from spegel_tx.registry.access import requested_registry, set_handler
 from spegel_tx.registry.mirror import MIRRORED_HEADER, Mirror, MirrorBodyFailed
 from spegel_tx.registry.streaming import send_blob
 
@@ -85,7 +85,7 @@ class Registry:
 
     @app.route("/v2/<path:name>/manifests/<reference>", methods=["GET"])
     async def manifest(self, request: Request, name: str, reference: str) -> bytes | None:
-        ref = parse_reference(_namespace(request), name, reference)
+        ref = parse_reference(requested_registry(request), name, reference)
         self._check_registry(ref.registry)
         try:
             digest, descriptor = await self._local_manifest(ref, reference)
@@ -113,7 +113,7 @@ class Registry:
     async def blob(self, request: Request, name: str, digest: str) -> None:
         parse_repository(name)
         parse_digest(digest)
-        self._check_registry(_namespace(request))
+        self._check_registry(requested_registry(request))
         try:
             descriptor = await self._store.descriptor(digest)
         except (NotFound, Unavailable):
@@ -250,11 +250,6 @@ async def _abort(request: Request) -> None:
     elif transport is not None:
         transport.loseConnection()
     await finished
-
-
-def _namespace(request: Request) -> str | None:
-    values = request.args.get(b"ns")
-    return values[0].decode("utf-8", "replace") if values else None
 
 
 def _header(request: Request, name: bytes) -> str | None:

@@ -29,7 +29,7 @@ from spegel_tx.errors import NotFound
 from spegel_tx.interfaces import ILookup, IRouter
 from spegel_tx.nodemetrics import NodeMetrics
 from spegel_tx.oci.ranges import content_range_first
-from spegel_tx.registry.access import set_handler
+from spegel_tx.registry.access import requested_registry, set_handler
 from spegel_tx.registry.peers import Peer, PeerHealth
 from spegel_tx.registry.streaming import PeerBodyBroken, PeerBodyRelay
 
@@ -153,8 +153,7 @@ class Mirror:
             served = True
         finally:
             lookup.cancel()
-            namespace = request.args.get(b"ns", [b""])[0].decode("utf-8", "replace")
-            self.metrics.forwarded(namespace, served)
+            self.metrics.forwarded(requested_registry(request) or "", served)
 
     async def _relay(
         self,
