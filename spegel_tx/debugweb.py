@@ -9,7 +9,6 @@ so that each item's speed is its own.
 
 from __future__ import annotations
 
-import json
 import time
 import urllib.parse
 from collections.abc import Iterable, Mapping
@@ -36,6 +35,7 @@ from spegel_tx.oci.manifest import (
     MANIFEST_MEDIA_TYPES,
     children,
     detect_media_type,
+    platform_manifest,
 )
 from spegel_tx.oci.reference import split_image_name
 from spegel_tx.registry.app import MAX_MANIFEST_SIZE
@@ -321,24 +321,6 @@ class BodyCounter(Protocol):
             self._timer.cancel()
         if self.transport is not None:
             cast(IPushProducer, self.transport).stopProducing()
-
-
-def platform_manifest(index: bytes, os: str, architecture: str) -> Descriptor | None:
-    """The manifest an index lists for ``os``/``architecture``, else its first one."""
-    listed = {descriptor.digest: descriptor for descriptor in children(index)}
-    if not listed:
-        return None
-    for entry in json.loads(index).get("manifests") or ():
-        if not isinstance(entry, dict) or not isinstance(entry.get("digest"), str):
-            continue
-        platform = entry.get("platform")
-        if (
-            isinstance(platform, dict)
-            and (platform.get("os"), platform.get("architecture")) == (os, architecture)
-            and entry["digest"] in listed
-        ):
-            return listed[entry["digest"]]
-    return next(iter(listed.values()))
 
 
 def speed(received: int, seconds: float) -> float | None:

@@ -72,3 +72,23 @@ def children(data: bytes) -> list[Descriptor]:
                 )
             )
     return found
+
+
+def platform_manifest(index: bytes, os: str, architecture: str) -> Descriptor | None:
+    """The manifest an index lists for ``os``/``architecture``, else its first one."""
+    listed = {descriptor.digest: descriptor for descriptor in children(index)}
+    if not listed:
+        return None
+    document = _parse(index)
+    assert document is not None
+    for entry in document.get("manifests") or ():
+        if not isinstance(entry, dict) or not isinstance(entry.get("digest"), str):
+            continue
+        platform = entry.get("platform")
+        if (
+            isinstance(platform, dict)
+            and (platform.get("os"), platform.get("architecture")) == (os, architecture)
+            and entry["digest"] in listed
+        ):
+            return listed[entry["digest"]]
+    return next(iter(listed.values()))

@@ -23,9 +23,10 @@ from twisted.web.vhost import NameVirtualHost
 from zope.interface import implementer
 
 from spegel_tx.debug import LOOKUP_BUDGET, DebugPages
-from spegel_tx.debugweb import DebugWeb, mirrored_rows, platform_manifest, speed
+from spegel_tx.debugweb import DebugWeb, mirrored_rows, speed
 from spegel_tx.interfaces import ILookup, IRouter
 from spegel_tx.nodemetrics import MirroredRequest, NodeMetrics
+from spegel_tx.oci.manifest import platform_manifest
 from spegel_tx.registry.app import MAX_MANIFEST_SIZE, Registry
 from spegel_tx.registry.mirror import MirrorSettings
 from spegel_tx.routing.kademlia.messages import Contact
