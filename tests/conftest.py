@@ -14,7 +14,7 @@ import pytest
 from tests.support.cluster import MirrorCluster, running_cluster
 from tests.support.containerd import Containerd, running_containerd
 from tests.support.ociimage import SyntheticImage, build_image
-from tests.support.processes import free_ports, start_spegel, stop_process, wait_for_http
+from tests.support.processes import start_spegel, stop_process, wait_for_http
 from tests.support.registry import DockerRegistry
 
 
@@ -77,7 +77,6 @@ class Node:
     """A running ``twistd -n spegel`` process."""
 
     host: str
-    port: int
     process: Popen[bytes]
     log_path: Path
     config: dict[str, Any]
@@ -91,12 +90,16 @@ class Node:
         return f"http://{self.config['metrics-addr']}"
 
     @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+    def address(self) -> str:
+        return str(self.config["registry-addr"])
 
     @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
 
     @property
     def pid(self) -> int:
@@ -116,17 +119,12 @@ def spegel_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
     def start(
         containerd: Containerd, host: str = "127.0.0.1", wait_ready: bool = True, **extra: Any
     ) -> Node:
-        port, router_port, metrics_port = free_ports(host, 3)
-        keys = {
-            "registry-addr": f"{host}:{port}",
-            "router-addr": f"{host}:{router_port}",
-            "metrics-addr": f"{host}:{metrics_port}",
-            "containerd-sock": containerd.address,
-            "containerd-namespace": containerd.namespace,
-            "containerd-content-path": containerd.content_path,
-        } | {key.replace("_", "-"): value for key, value in extra.items()}
-        process, log_path = start_spegel(keys, tmp_path / f"node-{host}-{port}")
-        node = Node(host, port, process, log_path, keys)
+        keys = containerd.node_keys(host) | {
+            key.replace("_", "-"): value for key, value in extra.items()
+        }
+        workdir = tmp_path / f"node-{keys['registry-addr']}"
+        process, log_path = start_spegel(keys, workdir)
+        node = Node(host, process, log_path, keys)
         nodes.append(node)
         wait_for_http(f"{node.url}/{'readyz' if wait_ready else 'livez'}", process, log_path, 30)
         return node

@@ -17,7 +17,6 @@ import yaml
 from tests.conftest import require
 from tests.support.containerd import Containerd
 from tests.support.processes import (
-    free_ports,
     poll,
     spegel_tx_cli,
     start_spegel,
@@ -36,18 +35,6 @@ DISCARDING = """\
 """
 
 
-def node_keys(containerd: Containerd, host: str, **extra: object) -> dict[str, object]:
-    port, router_port, metrics_port = free_ports(host, 3)
-    return {
-        "registry-addr": f"{host}:{port}",
-        "router-addr": f"{host}:{router_port}",
-        "metrics-addr": f"{host}:{metrics_port}",
-        "containerd-sock": containerd.address,
-        "containerd-namespace": containerd.namespace,
-        "containerd-content-path": containerd.content_path,
-    } | extra
-
-
 def peer_count(keys: dict[str, object]) -> int:
     with urllib.request.urlopen(f"http://{keys['metrics-addr']}/debug/peers", timeout=2) as r:
         return len(json.load(r)["peers"])
@@ -61,15 +48,11 @@ def node(containerd: Containerd, tmp_path_factory: pytest.TempPathFactory) -> It
     base = tmp_path_factory.mktemp("doctor")
     secret_file = base / "router-secret"
     secret_file.write_text(SECRET)
-    first = node_keys(containerd, HOSTS[0], **{"router-secret-file": str(secret_file)})
-    second = node_keys(
-        containerd,
-        HOSTS[1],
-        **{
-            "router-secret-file": str(secret_file),
-            "static-bootstrap-peers": [first["router-addr"]],
-        },
-    )
+    first = containerd.node_keys(HOSTS[0]) | {"router-secret-file": str(secret_file)}
+    second = containerd.node_keys(HOSTS[1]) | {
+        "router-secret-file": str(secret_file),
+        "static-bootstrap-peers": [first["router-addr"]],
+    }
     processes = []
     try:
         for keys in (first, second):
@@ -213,7 +196,7 @@ def test_the_expected_hosts_files_follow_the_mirrored_registries(containerd, nod
 
 
 def test_spegel_tx_not_running(containerd, node, tmp_path):
-    keys = node_keys(containerd, IDLE_HOST)
+    keys = containerd.node_keys(IDLE_HOST)
     idle = tmp_path / "node.yaml"
     idle.write_text(yaml.safe_dump(keys))
     code, lines = doctor(containerd, idle)

@@ -9,7 +9,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from tests.support.processes import kill_process, log_tail, start_process, stop_process
+from tests.support.processes import (
+    free_ports,
+    kill_process,
+    log_tail,
+    start_process,
+    stop_process,
+)
 
 CONFIG = """\
 version = 2
@@ -59,6 +65,18 @@ class Containerd:
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
+
+    def node_keys(self, host: str) -> dict[str, object]:
+        """A spegel-tx node.yaml for a node beside this containerd, on free ports at ``host``."""
+        port, router_port, metrics_port = free_ports(host, 3)
+        return {
+            "registry-addr": f"{host}:{port}",
+            "router-addr": f"{host}:{router_port}",
+            "metrics-addr": f"{host}:{metrics_port}",
+            "containerd-sock": self.address,
+            "containerd-namespace": self.namespace,
+            "containerd-content-path": self.content_path,
+        }
 
     def start(self, timeout: float = 30.0) -> None:
         """Start and wait until ``ctr version`` answers; a containerd that never does is stopped."""
