@@ -175,6 +175,8 @@ class Config:
     mirror_response_timeout: float = 2.0
     mirror_idle_timeout: float = 5.0
     mirror_peer_quarantine: float = 30.0
+    mirror_resume_timeout: float = 10.0
+    shutdown_grace_period: float = 20.0
     data_dir: str = ""
     log_level: str = "INFO"
     debug_web_enabled: bool = False
@@ -201,6 +203,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "mirror-response-timeout": _parse_duration_value,
     "mirror-idle-timeout": _parse_duration_value,
     "mirror-peer-quarantine": _parse_duration_value,
+    "mirror-resume-timeout": _parse_duration_value,
+    "shutdown-grace-period": _parse_duration_value,
     "data-dir": _parse_str,
     "log-level": _parse_choice(_LOG_LEVELS),
     "debug-web-enabled": _parse_bool,

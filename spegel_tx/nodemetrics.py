@@ -33,7 +33,7 @@ PEER_EVENTS = (
     "digest_mismatch",
     "peer_failed",
     "peer_not_found",
-    "skipped_quarantined",
+    "quarantined_tried",
 )
 """Mirror counters exported as ``spegel_tx_mirror_peer_events_total{event}``."""
 

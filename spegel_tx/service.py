@@ -46,6 +46,7 @@ def mirror_settings(config: Config) -> MirrorSettings:
         response_timeout=config.mirror_response_timeout,
         idle_timeout=config.mirror_idle_timeout,
         quarantine=config.mirror_peer_quarantine,
+        resume_timeout=config.mirror_resume_timeout,
     )
 
 

@@ -19,6 +19,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredQueue
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH
@@ -26,11 +27,11 @@ from twisted.web.server import Request
 
 from spegel_tx.config import Address
 from spegel_tx.errors import NotFound
-from spegel_tx.interfaces import ILookup, IRouter
+from spegel_tx.interfaces import IRouter
 from spegel_tx.nodemetrics import NodeMetrics
 from spegel_tx.oci.ranges import content_range_first
 from spegel_tx.registry.access import requested_registry, set_handler
-from spegel_tx.registry.peers import Peer, PeerHealth
+from spegel_tx.registry.peers import Fault, Peer, PeerHealth, Providers
 from spegel_tx.registry.streaming import PeerBodyBroken, PeerBodyRelay
 
 _log = Logger()
@@ -62,9 +63,16 @@ class MirrorSettings:
     manifest_budget: float = 3.0
     """HEAD and manifest requests answer 404 once this has passed without a response."""
     quarantine: float = 30.0
-    """How long a peer that refused, timed out or broke off is skipped."""
+    """How long a peer that refused, timed out or broke off is tried last, unless seen alive."""
     digest_quarantine: float = 600.0
-    """How long a peer that sent content with a wrong digest is skipped."""
+    """How long a peer that sent content with a wrong digest is tried last."""
+    resume_timeout: float = 10.0
+    """How long a body broken off part-way waits for some provider to resume it."""
+
+
+RESUME_PAUSE = 0.1
+"""First pause before every provider is asked again to resume a body; it doubles."""
+MAX_RESUME_PAUSE = 1.0
 
 
 class MirrorBodyFailed(Exception):
@@ -76,11 +84,13 @@ class PeerTimedOut(Exception):
 
 
 class _PeerAnswered(Exception):
-    """A peer answered with a status that is not content."""
+    """A peer answered with a status that is not content; ``fault`` is what it says
+    about the peer (None: only that it lacks this key)."""
 
-    def __init__(self, status: int) -> None:
+    def __init__(self, status: int, fault: Fault | None) -> None:
         super().__init__(f"answered {status}")
         self.status = status
+        self.fault = fault
 
 
 class Mirror:
@@ -99,7 +109,9 @@ class Mirror:
         self._router = router
         self._client = client
         self.settings = settings or MirrorSettings()
-        self.health = health or PeerHealth(clock, self.settings.quarantine)
+        self.health = health or PeerHealth(
+            clock, self.settings.quarantine, self.settings.digest_quarantine
+        )
         self.metrics = metrics or NodeMetrics(clock)
         self.counters: Counter[str] = Counter()
 
@@ -122,8 +134,14 @@ class Mirror:
                 headers[name] = [value]
         wanted = self.settings.resolve_retries + len(self.health.quarantined_peers())
         lookup = self._router.lookup(key, wanted)
-        providers = _Providers(
-            self._clock, lookup, self.health, self.settings, self.counters, self.metrics
+        providers = Providers(
+            self._clock,
+            lookup,
+            self.health,
+            self.settings.resolve_retries,
+            self.settings.resolve_timeout,
+            self.counters,
+            self.metrics.resolved,
         )
         budget = self.settings.manifest_budget if manifest or method == "HEAD" else None
         served = False
@@ -158,7 +176,7 @@ class Mirror:
     async def _relay(
         self,
         request: Request,
-        providers: _Providers,
+        providers: Providers,
         peer: Peer,
         response: Any,
         digest: str | None,
@@ -166,6 +184,7 @@ class Mirror:
     ) -> None:
         hasher = hashlib.sha256() if digest and digest.startswith("sha256:") else None
         relay = PeerBodyRelay(self._clock, request, self.settings.idle_timeout, hasher)
+        resumable = response.code in (200, 206)
         first = _range_start(response)
         end = first + response.length
         senders = [peer]
@@ -176,21 +195,21 @@ class Mirror:
                     break
                 except PeerBodyBroken as e:
                     self._failed(peer, Failure(e))
-                resume = {**headers, b"range": [b"bytes=%d-%d" % (first + relay.received, end - 1)]}
-                found = await self._first_response(providers, "GET", request.uri, resume, None)
+                at = first + relay.received
+                if not resumable:
+                    raise MirrorBodyFailed(f"{peer[0]}:{peer[1]} broke off its answer")
+                resume = {**headers, b"range": [b"bytes=%d-%d" % (at, end - 1)]}
+                found = await self._resume(providers, request.uri, resume, at)
                 if found is None:
                     raise MirrorBodyFailed(f"no provider left to resume at byte {relay.received}")
                 peer, response = found
-                if response.code != 206 or _range_start(response) != first + relay.received:
-                    _discard(response)
-                    raise MirrorBodyFailed(f"{peer[0]}:{peer[1]} did not resume where asked")
                 self.counters["resumed"] += 1
                 senders.append(peer)
             self.counters["bytes_from_peers"] += relay.received
             if hasher is not None and f"sha256:{hasher.hexdigest()}" != digest:
                 self.counters["digest_mismatch"] += 1
                 for sender in senders:
-                    self.health.quarantine(sender, self.settings.digest_quarantine)
+                    self.health.charge(sender, Fault.LIED)
                 raise MirrorBodyFailed(f"content from {senders} does not match {digest}")
             relay.finish()
         except ConnectionLost:
@@ -199,13 +218,31 @@ class Mirror:
             relay.abandon()
             raise
 
+    async def _resume(
+        self, providers: Providers, uri: bytes, headers: dict[bytes, list[bytes]], at: int
+    ) -> tuple[Peer, Any] | None:
+        """A provider's answer from byte ``at`` on, asking every known provider again after
+        a growing pause (one that refused may be back from a restart) until
+        ``resume_timeout`` has passed: the client sees a pause, not an error."""
+        deadline = self._clock.seconds() + self.settings.resume_timeout
+        pause = RESUME_PAUSE
+        while True:
+            found = await self._first_response(providers, "GET", uri, headers, None, at)
+            left = deadline - self._clock.seconds()
+            if found is not None or left <= 0:
+                return found
+            await deferLater(self._clock, min(pause, left))
+            pause = min(2 * pause, MAX_RESUME_PAUSE)
+            providers.again()
+
     async def _first_response(
         self,
-        providers: _Providers,
+        providers: Providers,
         method: str,
         uri: bytes,
         headers: dict[bytes, list[bytes]],
         budget: float | None,
+        resume_at: int | None = None,
     ) -> tuple[Peer, Any] | None:
         """The first provider to answer with content; slow ones are raced by the next."""
         events: DeferredQueue[Any] = DeferredQueue()
@@ -218,7 +255,7 @@ class Mirror:
                     peer = None if exhausted else await providers.next()
                     if peer is None:
                         return None
-                    live[peer] = self._request(peer, method, uri, headers, events)
+                    live[peer] = self._request(peer, method, uri, headers, events, resume_at)
                 hedge = None
                 if not exhausted:
                     hedge = self._clock.callLater(self.health.hedge_delay(), events.put, _HEDGE)
@@ -233,7 +270,7 @@ class Mirror:
                         exhausted = True
                     else:
                         self.counters["hedged"] += 1
-                        live[peer] = self._request(peer, method, uri, headers, events)
+                        live[peer] = self._request(peer, method, uri, headers, events, resume_at)
                     continue
                 peer, response, failure = event
                 live.pop(peer, None)
@@ -259,6 +296,7 @@ class Mirror:
         uri: bytes,
         headers: dict[bytes, list[bytes]],
         events: DeferredQueue[Any],
+        resume_at: int | None,
     ) -> Deferred[Any]:
         started = self._clock.seconds()
         attempt = request_peer(
@@ -271,12 +309,13 @@ class Mirror:
         )
 
         def answered(response: Any) -> Any:
-            usable = response.code == 200 or (response.code == 206 and _range_start(response) >= 0)
-            if method != "HEAD" and response.length is UNKNOWN_LENGTH:
-                usable = False
-            if not usable:
+            fault = _judge(response, method, b"range" in headers, resume_at)
+            if fault is not None or response.code == 404:
                 _discard(response)
-                raise _PeerAnswered(response.code)
+                if fault is not Fault.UNREACHABLE:
+                    self.health.alive(peer)
+                raise _PeerAnswered(response.code, fault)
+            self.health.alive(peer)
             self.health.answered(self._clock.seconds() - started)
             return response
 
@@ -288,14 +327,37 @@ class Mirror:
         return attempt
 
     def _failed(self, peer: Peer, failure: Failure) -> None:
-        """A 404 is one stale record; anything else makes the peer suspect for a while."""
+        """Charge ``peer`` with what the failure says about it, and nothing more."""
         reason = failure.value
-        if isinstance(reason, _PeerAnswered) and reason.status == 404:
+        fault = reason.fault if isinstance(reason, _PeerAnswered) else Fault.UNREACHABLE
+        if fault is None:
             self.counters["peer_not_found"] += 1
         else:
             self.counters["peer_failed"] += 1
-            self.health.quarantine(peer)
+            self.health.charge(peer, fault)
         _log.info("peer {peer} failed: {reason}", peer=f"{peer[0]}:{peer[1]}", reason=str(reason))
+
+
+def _judge(response: Any, method: str, ranged: bool, resume_at: int | None) -> Fault | None:
+    """What an answer says about the peer: None for content, for a 404, and for a
+    client's own bad request (400, or 416 to the client's ``Range``), which goes on
+    to the client as it is; otherwise the fault to charge the peer with."""
+    code = response.code
+    known = method == "HEAD" or response.length is not UNKNOWN_LENGTH
+    if code == 404:
+        return None
+    if resume_at is not None:
+        if code == 206 and known and _range_start(response) == resume_at:
+            return None
+        return Fault.UNREACHABLE if code == 200 or code >= 500 else Fault.LIED
+    if code == 200:
+        return None if known else Fault.UNREACHABLE
+    if code == 206:
+        return None if ranged and known and _range_start(response) >= 0 else Fault.LIED
+    if code == 400 or (code == 416 and ranged):
+        small = response.length is not UNKNOWN_LENGTH and response.length <= SMALL_BODY
+        return None if method == "HEAD" or small else Fault.UNREACHABLE
+    return Fault.UNREACHABLE
 
 
 def peer_url(peer: Peer, path: str) -> str:
@@ -323,89 +385,6 @@ def request_peer(
         return result
 
     return attempt.addBoth(settled)
-
-
-class _Providers:
-    """The providers of one key for one forwarded request, as the lookup streams them.
-
-    Waiting for the next one gives up after ``resolve_timeout`` without ending
-    the lookup: a provider that turns up later, or one whose attempt was only
-    cancelled because another answered first, is still there for a resume.
-    """
-
-    def __init__(
-        self,
-        clock: Any,
-        lookup: ILookup,
-        health: PeerHealth,
-        settings: MirrorSettings,
-        counters: Counter[str],
-        metrics: NodeMetrics,
-    ) -> None:
-        self._clock = clock
-        self._counters = counters
-        self._metrics = metrics
-        self._started = clock.seconds()
-        self._lookup = lookup
-        self._health = health
-        self._settings = settings
-        self._unused: list[Peer] = []
-        self._used: set[Peer] = set()
-        self._attempts = 0
-        self._asking = False
-        self._exhausted = False
-        self._waiter: Deferred[None] | None = None
-
-    def give_back(self, peer: Peer) -> None:
-        self._used.discard(peer)
-        self._attempts -= 1
-        self._unused.insert(0, peer)
-
-    async def next(self) -> Peer | None:
-        """The next provider to try, or None: retries spent, search over, or idle too long."""
-        while self._attempts < self._settings.resolve_retries:
-            while self._unused:
-                peer = self._unused.pop(0)
-                if peer in self._used:
-                    continue
-                if self._health.quarantined(peer):
-                    self._counters["skipped_quarantined"] += 1
-                    continue
-                self._used.add(peer)
-                self._attempts += 1
-                return peer
-            if self._exhausted:
-                return None
-            self._ask()
-            if self._unused or self._exhausted:
-                continue
-            waiter = self._waiter = Deferred()
-            idle = self._clock.callLater(self._settings.resolve_timeout, self._wake)
-            await waiter
-            if idle.active():
-                idle.cancel()
-            elif not self._unused:
-                return None
-        return None
-
-    def _ask(self) -> None:
-        if not self._asking and not self._exhausted:
-            self._asking = True
-            self._lookup.next_provider().addCallback(self._found)
-
-    def _found(self, peer: Peer | None) -> None:
-        self._asking = False
-        if peer is None:
-            self._exhausted = True
-        else:
-            self._metrics.resolved(self._clock.seconds() - self._started)
-            self._unused.append(peer)
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None:
-            waiter.callback(None)
 
 
 def _header(response: Any, name: bytes) -> str | None:

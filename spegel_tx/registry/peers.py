@@ -1,15 +1,33 @@
-"""What this node has learned of its peers' registries: how fast they answer, and
-which to leave alone for a while.
+"""Peer choice in one place: the order providers are tried in, what a failure says
+about the peer that had it, and when the peer is forgiven.
 
 A DHT record outlives the node that published it by up to its TTL (19 minutes),
-so a crashed node keeps being named as a provider. Remembering that it refused
-or timed out spares every later request the same wait.
+so a crashed node keeps being named as a provider; remembering that it refused
+spares later requests the same wait. But in a cluster peers restart all the
+time, so what is remembered only orders the providers: a quarantined peer is
+tried after the others, never left out while it is the only one left.
+
+Evidence comes in kinds:
+
+- content, a 404 or a client's own bad request (400, 416) come from a peer that
+  is alive: a 404 is about one key on that peer, a 400 or 416 about nobody;
+- a refused connection, a timeout, a body broken off or a 5xx make the peer
+  *suspect* until it is seen alive again (it answers, or its router speaks)
+  or the quarantine passes;
+- content that fails its digest, or a partial answer nobody asked for, make it
+  *distrusted* for the digest quarantine, whatever it says meanwhile.
 """
 
 from __future__ import annotations
 
+import enum
 from collections import deque
+from collections.abc import Callable
 from typing import Any
+
+from twisted.internet.defer import Deferred
+
+from spegel_tx.interfaces import ILookup
 
 Peer = tuple[str, int]
 """A peer's registry: ``(host, port)``."""
@@ -24,30 +42,43 @@ MIN_HEDGE_DELAY = 0.01
 MAX_HEDGE_DELAY = 1.0
 
 
+class Fault(enum.Enum):
+    UNREACHABLE = "unreachable"
+    """Refused, timed out, broke off or failed inside: forgiven once seen alive."""
+    LIED = "lied"
+    """Sent what it must not: forgiven only when the digest quarantine ends."""
+
+
 class PeerHealth:
-    def __init__(self, clock: Any, quarantine: float = 30.0) -> None:
+    def __init__(self, clock: Any, quarantine: float = 30.0, distrust: float = 600.0) -> None:
         self._clock = clock
         self.quarantine_seconds = quarantine
-        self._until: dict[Peer, float] = {}
+        self.distrust_seconds = distrust
+        self._suspect: dict[Peer, float] = {}
+        self._distrusted: dict[Peer, float] = {}
         self._latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
 
-    def quarantined(self, peer: Peer) -> bool:
-        until = self._until.get(peer)
-        if until is None:
-            return False
-        if until <= self._clock.seconds():
-            del self._until[peer]
-            return False
-        return True
+    def charge(self, peer: Peer, fault: Fault) -> None:
+        book, seconds = self._book(fault)
+        until = self._clock.seconds() + seconds
+        book[peer] = max(until, book.get(peer, 0.0))
 
-    def quarantine(self, peer: Peer, seconds: float | None = None) -> None:
-        """Skip ``peer`` for ``seconds`` (the configured quarantine by default)."""
-        duration = self.quarantine_seconds if seconds is None else seconds
-        until = self._clock.seconds() + duration
-        self._until[peer] = max(until, self._until.get(peer, 0.0))
+    def _book(self, fault: Fault) -> tuple[dict[Peer, float], float]:
+        if fault is Fault.LIED:
+            return self._distrusted, self.distrust_seconds
+        return self._suspect, self.quarantine_seconds
+
+    def alive(self, peer: Peer) -> None:
+        """``peer`` answered, or its router spoke: it is not down (it may still lie)."""
+        self._suspect.pop(peer, None)
+
+    def quarantined(self, peer: Peer) -> bool:
+        return _holds(self._suspect, peer, self._clock.seconds()) or _holds(
+            self._distrusted, peer, self._clock.seconds()
+        )
 
     def quarantined_peers(self) -> list[Peer]:
-        return [peer for peer in list(self._until) if self.quarantined(peer)]
+        return [peer for peer in {**self._suspect, **self._distrusted} if self.quarantined(peer)]
 
     def answered(self, seconds: float) -> None:
         """A peer sent response headers ``seconds`` after the request left."""
@@ -61,3 +92,112 @@ class PeerHealth:
         ordered = sorted(self._latencies)
         p90 = ordered[int(0.9 * (len(ordered) - 1))]
         return min(MAX_HEDGE_DELAY, max(MIN_HEDGE_DELAY, 2 * p90))
+
+
+def _holds(book: dict[Peer, float], peer: Peer, now: float) -> bool:
+    until = book.get(peer)
+    if until is None:
+        return False
+    if until <= now:
+        del book[peer]
+        return False
+    return True
+
+
+class Providers:
+    """The providers of one key for one forwarded request, as the lookup streams them.
+
+    Waiting for the next one gives up after ``resolve_timeout`` without ending
+    the lookup: a provider that turns up later, or one whose attempt was only
+    cancelled because another answered first, is still there for a resume.
+    Quarantined providers come last, after the lookup has had its chance to
+    name a healthy one.
+    """
+
+    def __init__(
+        self,
+        clock: Any,
+        lookup: ILookup,
+        health: PeerHealth,
+        retries: int,
+        resolve_timeout: float,
+        counters: dict[str, int],
+        resolved: Callable[[float], None],
+    ) -> None:
+        self._clock = clock
+        self._lookup = lookup
+        self._health = health
+        self._retries = retries
+        self._resolve_timeout = resolve_timeout
+        self._counters = counters
+        self._resolved = resolved
+        self._started = clock.seconds()
+        self._found: list[Peer] = []
+        self._unused: list[Peer] = []
+        self._attempts = 0
+        self._asking = False
+        self._exhausted = False
+        self._waiter: Deferred[None] | None = None
+
+    def give_back(self, peer: Peer) -> None:
+        """``peer``'s attempt was only cancelled: it may be asked again."""
+        self._attempts -= 1
+        self._unused.insert(0, peer)
+
+    def again(self) -> None:
+        """Every provider found so far may be tried once more: after a pause, one that
+        refused may have restarted."""
+        self._attempts = 0
+        self._unused = list(self._found)
+
+    async def next(self) -> Peer | None:
+        """The next provider to try, or None: retries spent, or nobody left to try."""
+        if self._attempts >= self._retries:
+            return None
+        while True:
+            healthy = [peer for peer in self._unused if not self._health.quarantined(peer)]
+            if healthy:
+                return self._take(healthy[0])
+            if self._exhausted or not await self._more():
+                break
+        if not self._unused:
+            return None
+        self._counters["quarantined_tried"] += 1
+        return self._take(self._unused[0])
+
+    def _take(self, peer: Peer) -> Peer:
+        self._unused.remove(peer)
+        self._attempts += 1
+        return peer
+
+    async def _more(self) -> bool:
+        """Wait for the lookup to name another provider; False once it has been idle
+        for ``resolve_timeout``."""
+        known = len(self._found)
+        if not self._asking:
+            self._asking = True
+            self._lookup.next_provider().addCallback(self._on_found)
+        if len(self._found) > known or self._exhausted:
+            return True
+        waiter = self._waiter = Deferred()
+        idle = self._clock.callLater(self._resolve_timeout, self._wake)
+        await waiter
+        if idle.active():
+            idle.cancel()
+            return True
+        return len(self._found) > known
+
+    def _on_found(self, peer: Peer | None) -> None:
+        self._asking = False
+        if peer is None:
+            self._exhausted = True
+        elif peer not in self._found:
+            self._resolved(self._clock.seconds() - self._started)
+            self._found.append(peer)
+            self._unused.append(peer)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.callback(None)

@@ -479,11 +479,111 @@ def test_content_with_the_wrong_digest_never_reaches_the_client_whole(peers: Pee
     assert node.mirror.health.quarantined(("10.0.0.2", 5000))
 
 
-def test_a_body_that_no_provider_can_finish_cuts_the_client_off(peers: Peers) -> None:
+def test_a_body_that_no_provider_can_finish_cuts_the_client_off_after_the_resume_wait(
+    peers: Peers,
+) -> None:
     peers.add("10.0.0.2:5000", Scripted(cut=1000))
+    node = Node(peers, {LAYER_DIGEST: ["10.0.0.2:5000"]}, resume_timeout=10.0)
+    response = result_of(node.get(BLOB_PATH))
+    del peers.stubs["10.0.0.2:5000"]  # it died after the first 1000 bytes
+    content = treq.content(response)
+    node.settle()
+
+    for _ in range(99):
+        node.advance(0.1)
+    assert not fired(content), "the client sees a pause while providers are asked again"
+    node.advance(0.5)
+
+    assert isinstance(result_of(content), Failure)
+    assert peers.asked().count("10.0.0.2:5000") > 3, "the dead provider was asked again"
+
+
+def test_a_body_resumes_from_its_own_provider_once_it_has_restarted(peers: Peers) -> None:
+    """The only provider dies part-way and comes back 2 s later: the client gets it all."""
+    peers.add("10.0.0.2:5000", Scripted(cut=100_000))
+    node = Node(peers, {LAYER_DIGEST: ["10.0.0.2:5000"]}, resume_timeout=10.0)
+    response = result_of(node.get(BLOB_PATH))
+    del peers.stubs["10.0.0.2:5000"]
+    content = treq.content(response)
+    node.settle()
+    for _ in range(20):
+        node.advance(0.1)
+    peers.add("10.0.0.2:5000", peer_registry(LAYER))
+    for _ in range(10):
+        node.advance(0.1)
+
+    assert result_of(content) == LAYER
+    assert peers.sent[-1][2][b"range"] == [b"bytes=100000-%d" % (len(LAYER) - 1)]
+    assert not node.mirror.health.quarantined(("10.0.0.2", 5000)), "it answered: forgiven"
+
+
+def test_a_quarantined_peer_is_tried_when_it_is_the_only_provider(peers: Peers) -> None:
+    node = Node(peers, {LAYER_DIGEST: ["10.0.0.2:5000"]}, quarantine=30.0)
+    first, _ = node.body(node.get(BLOB_PATH))
+    assert first.code == 404
+    assert node.mirror.health.quarantined(("10.0.0.2", 5000))
+
+    peers.add("10.0.0.2:5000", peer_registry(LAYER))  # restarted
+    second, body = node.body(node.get(BLOB_PATH))
+
+    assert (second.code, body) == (200, LAYER)
+    assert not node.mirror.health.quarantined(("10.0.0.2", 5000))
+    assert node.mirror.counters["quarantined_tried"] == 1
+
+
+def test_a_peer_seen_alive_leaves_quarantine_at_once(peers: Peers) -> None:
+    peers.add("10.0.0.3:5000", peer_registry(LAYER))
+    node = Node(peers, {LAYER_DIGEST: ["10.0.0.2:5000", "10.0.0.3:5000"]}, quarantine=30.0)
+    node.body(node.get(BLOB_PATH))
+    assert node.mirror.health.quarantined(("10.0.0.2", 5000))
+
+    node.mirror.health.alive(("10.0.0.2", 5000))  # its router spoke: it re-advertised
+    peers.add("10.0.0.2:5000", peer_registry(LAYER))
+    node.body(node.get(BLOB_PATH))
+
+    assert peers.asked()[-1] == "10.0.0.2:5000", "first in line again"
+
+
+def test_a_liar_stays_distrusted_though_seen_alive(peers: Peers) -> None:
+    forged = bytearray(LAYER)
+    forged[0] ^= 0xFF
+    peers.add("10.0.0.2:5000", Scripted(data=bytes(forged)))
+    node = Node(peers, {LAYER_DIGEST: ["10.0.0.2:5000"]}, digest_quarantine=600.0)
+    node.download(BLOB_PATH)
+
+    node.mirror.health.alive(("10.0.0.2", 5000))
+
+    assert node.mirror.health.quarantined(("10.0.0.2", 5000))
+
+
+def test_a_client_range_past_the_end_is_answered_416_and_costs_the_peer_nothing(
+    peers: Peers,
+) -> None:
+    peers.add("10.0.0.2:5000", peer_registry(LAYER))
     node = Node(peers, {LAYER_DIGEST: ["10.0.0.2:5000"]})
 
-    assert isinstance(node.download(BLOB_PATH), Failure)
+    response, body = node.body(node.get(BLOB_PATH, range=f"bytes={len(LAYER) + 10}-"))
+
+    assert response.code == 416
+    assert error_codes(body) == ["RANGE_NOT_SATISFIABLE"]
+    assert response.headers.getRawHeaders("content-range") == [f"bytes */{len(LAYER)}"]
+    assert not node.mirror.health.quarantined(("10.0.0.2", 5000))
+    assert node.download(BLOB_PATH) == LAYER
+    assert peers.asked() == ["10.0.0.2:5000", "10.0.0.2:5000"]
+
+
+def test_a_partial_answer_to_a_whole_request_is_refused_and_charged(peers: Peers) -> None:
+    class Partial(Scripted):
+        def render(self, request: Any) -> Any:
+            request.requestHeaders.setRawHeaders(b"range", [b"bytes=0-99"])
+            return super().render(request)
+
+    peers.add("10.0.0.2:5000", Partial())
+    peers.add("10.0.0.3:5000", peer_registry(LAYER))
+    node = Node(peers, {LAYER_DIGEST: ["10.0.0.2:5000", "10.0.0.3:5000"]})
+
+    assert node.download(BLOB_PATH) == LAYER
+    assert node.mirror.health.quarantined(("10.0.0.2", 5000))
 
 
 def test_the_hedge_delay_follows_recent_peer_latencies() -> None:
