@@ -98,6 +98,8 @@ def make_service(config: Config, reactor: Any) -> MultiService:
     mirror = Mirror(reactor, router, client, settings, metrics=metrics) if has_peers else None
     if mirror is not None:
         metrics.watch_mirror(mirror)
+        # A peer whose router speaks is up again, whatever its last request said.
+        protocol.on_peer_seen = mirror.health.alive
     registry = Registry(
         reactor, store, config.mirrored_registries, config.registry_filters, mirror=mirror
     )

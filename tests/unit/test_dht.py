@@ -194,3 +194,14 @@ def test_keys_of_a_lone_node_are_placed_once_a_peer_contacts_it() -> None:
     assert second.providers_of(key_id(key)) != [], "the lone node's keys reached its peer"
     alone.stopService()
     joiner.stopService()
+
+
+def test_every_datagram_names_its_senders_registry_as_alive() -> None:
+    """The mirror forgives a peer whose router speaks (a restart re-advertises)."""
+    cluster = SimulatedCluster(3)
+    seen: list[tuple[str, int]] = []
+    cluster.routers[0].protocol.on_peer_seen = seen.append
+
+    cluster.wait(cluster.routers[1].advertise(["sha256:" + "cd" * 32]))
+
+    assert cluster.address(1) in seen

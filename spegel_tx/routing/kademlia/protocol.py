@@ -106,7 +106,8 @@ class KademliaProtocol(DatagramProtocol):
         self._seen_txids: OrderedDict[bytes, None] = OrderedDict()
         self._pinging: set[bytes] = set()
         self.own_addresses: set[tuple[str, int]] = set()
-        self.on_contact: Callable[[Contact], None] | None = None
+        self.on_peer_seen: Callable[[tuple[str, int]], None] | None = None
+        """Told ``(host, registry port)`` of every node a datagram comes from: it is alive."""
 
     # Sending
 
@@ -203,9 +204,11 @@ class KademliaProtocol(DatagramProtocol):
                 return
             self._forget(header.txid)
             self._contact_seen(Contact(header.sender_id, address[0], address[1]))
+            self._peer_seen(address[0], header.registry_port)
             pending[0].callback(message)
             return
         self._contact_seen(Contact(header.sender_id, address[0], address[1]))
+        self._peer_seen(address[0], header.registry_port)
         response = self._answer(message, address)
         self._send(Message(self._header(header.txid), response), address)
 
@@ -250,8 +253,10 @@ class KademliaProtocol(DatagramProtocol):
         if oldest is not None:
             # Ping before evicting: a live old contact keeps its place.
             self._ping_once(oldest, lambda: self.table.seen(oldest, self.clock.seconds()))
-        if self.on_contact is not None:
-            self.on_contact(contact)
+
+    def _peer_seen(self, host: str, registry_port: int) -> None:
+        if self.on_peer_seen is not None:
+            self.on_peer_seen((host, registry_port))
 
     def _answer(self, message: Message, address: tuple[str, int]) -> Body:
         body = message.body
