@@ -6,6 +6,9 @@ import re
 from dataclasses import dataclass
 
 _SINGLE = re.compile(r"bytes=(\d*)-(\d*)")
+_LARGEST = 1 << 63
+"""Positions beyond any content: a longer number is read as this, not parsed (Python
+refuses to parse integers of more than 4,300 digits, and nothing needs them)."""
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
@@ -48,21 +51,26 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     if not first_text:
         if not last_text:
             return None
-        suffix = int(last_text)
+        suffix = _position(last_text)
         if suffix == 0 or size == 0:
             raise RangeNotSatisfiable(size)
         return ByteRange(max(size - suffix, 0), size - 1)
-    first = int(first_text)
-    if last_text and int(last_text) < first:
+    first = _position(first_text)
+    if last_text and _position(last_text) < first:
         return None
     if first >= size:
         raise RangeNotSatisfiable(size)
-    last = min(int(last_text), size - 1) if last_text else size - 1
+    last = min(_position(last_text), size - 1) if last_text else size - 1
     return ByteRange(first, last)
+
+
+def _position(digits: str) -> int:
+    stripped = digits.lstrip("0") or "0"
+    return _LARGEST if len(stripped) > 18 else int(stripped)
 
 
 def content_range_first(header: str | None) -> int | None:
     """The first byte position a ``Content-Range: bytes a-b/size`` answer starts at,
     or None when the header is missing or not of that form."""
     match = _CONTENT_RANGE.fullmatch((header or "").strip())
-    return int(match.group(1)) if match else None
+    return _position(match.group(1)) if match else None

@@ -69,3 +69,22 @@ def test_where_a_partial_answer_starts(header, first):
 @given(first=st.integers(0, 10**12), span=st.integers(0, 10**12), size=st.integers(1, 10**13))
 def test_content_range_we_write_is_read_back(first, span, size):
     assert content_range_first(ByteRange(first, first + span).content_range(size)) == first
+
+
+def test_numbers_of_thousands_of_digits_are_positions_past_any_content():
+    huge = "9" * 5000
+    with pytest.raises(RangeNotSatisfiable):
+        parse_range(f"bytes={huge}-", 100)
+    assert parse_range(f"bytes=10-{huge}", 100) == ByteRange(10, 99)
+    assert parse_range(f"bytes=-{huge}", 100) == ByteRange(0, 99)
+    assert parse_range(f"bytes={'0' * 5000}7-9", 100) == ByteRange(7, 9)
+    assert content_range_first(f"bytes {huge}-{huge}/{huge}") == 1 << 63
+
+
+@given(st.text(alphabet="bytes=-0123456789, ", max_size=60), st.integers(0, 10**12))
+def test_any_header_is_a_range_inside_the_content_ignored_or_unsatisfiable(header, size):
+    try:
+        found = parse_range(header, size)
+    except RangeNotSatisfiable:
+        return
+    assert found is None or 0 <= found.first <= found.last < size
