@@ -6,7 +6,6 @@ from typing import Any
 
 from treq.client import HTTPClient
 from twisted.application.internet import TCPServer, UDPServer
-from twisted.application.service import MultiService
 from twisted.names import client as dns_client
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -26,6 +25,7 @@ from spegel_tx.routing.bootstrap import DNSBootstrapper, StaticBootstrapper
 from spegel_tx.routing.kademlia.node import load_or_create_node_id
 from spegel_tx.routing.kademlia.protocol import KademliaProtocol
 from spegel_tx.routing.kademlia.router import KademliaRouter
+from spegel_tx.shutdown import Node
 from spegel_tx.state import StateTracker
 
 PEER_CONNECTIONS = 8
@@ -55,9 +55,9 @@ def peer_client(config: Config, reactor: Any) -> HTTPClient:
     return HTTPClient(peer_agent(reactor, config.mirror_connect_timeout, PEER_CONNECTIONS))
 
 
-def make_service(config: Config, reactor: Any) -> MultiService:
+def make_service(config: Config, reactor: Any) -> Node:
     """Children stop in reverse order: the router withdraws while its UDP port still listens."""
-    node = MultiService()
+    node = Node(reactor, config.shutdown_grace_period)
     metrics = NodeMetrics(reactor)
     store = ContainerdStore(
         reactor,
@@ -101,14 +101,19 @@ def make_service(config: Config, reactor: Any) -> MultiService:
         # A peer whose router speaks is up again, whatever its last request said.
         protocol.on_peer_seen = mirror.health.alive
     registry = Registry(
-        reactor, store, config.mirrored_registries, config.registry_filters, mirror=mirror
+        reactor,
+        store,
+        config.mirrored_registries,
+        config.registry_filters,
+        mirror=mirror,
+        stopping=lambda: node.stopping,
     )
-    TCPServer(
-        config.registry_addr.port,
-        RegistrySite(registry.resource(), metrics),
-        interface=config.registry_addr.host,
-        reactor=reactor,
-    ).setServiceParent(node)
+    site = RegistrySite(registry.resource(), metrics)
+    listener = TCPServer(
+        config.registry_addr.port, site, interface=config.registry_addr.host, reactor=reactor
+    )
+    listener.setServiceParent(node)
+    node.drains(site, listener, tracker, router)
     web = None
     if config.debug_web_enabled:
         addresses = {

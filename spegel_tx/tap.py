@@ -37,6 +37,9 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     from spegel_tx.service import make_service
+    from spegel_tx.shutdown import handle_sigterm
 
     logs.configure(options.config.log_level)
-    return make_service(options.config, reactor)
+    node = make_service(options.config, reactor)
+    handle_sigterm(reactor, node)
+    return node

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -91,10 +94,20 @@ class RegistryChannel(http.HTTPChannel):
     """
 
     _first_bytes = True
+    site: RegistrySite
 
     def connectionMade(self) -> None:
         enlarge_buffers(self.transport)
         super().connectionMade()
+        self.site.opened(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        self.site.closed(self)
+
+    def busy(self) -> bool:
+        """A request is being read or answered on this connection."""
+        return bool(self.requests)
 
     def dataReceived(self, data: bytes) -> None:
         if self._first_bytes:
@@ -121,6 +134,37 @@ class RegistrySite(Site):
     def __init__(self, resource: Any, metrics: NodeMetrics | None = None) -> None:
         super().__init__(resource)
         self.metrics = metrics
+        self.channels: set[RegistryChannel] = set()
+        self._all_closed: list[Deferred[None]] = []
 
     def log(self, request: http.Request) -> None:
         pass
+
+    def opened(self, channel: RegistryChannel) -> None:
+        self.channels.add(channel)
+
+    def closed(self, channel: RegistryChannel) -> None:
+        self.channels.discard(channel)
+        if not self.channels:
+            waiting, self._all_closed = self._all_closed, []
+            for d in waiting:
+                d.callback(None)
+
+    def drain(self) -> Deferred[None]:
+        """Close idle connections now and the others once their response is done; fires
+        when none is left. A client whose idle kept-alive connection closes sends its
+        next request on a new one, which reaches another mirror target."""
+        for channel in list(self.channels):
+            channel.persistent = False
+            if not channel.busy():
+                channel.loseConnection()
+        if not self.channels:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._all_closed.append(d)
+        return d
+
+    def abort(self) -> None:
+        """Cut every connection still open: the grace period is over."""
+        for channel in list(self.channels):
+            cast(ITCPTransport, channel.transport).abortConnection()

@@ -8,7 +8,7 @@ whatever the reason.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from klein import Klein
@@ -51,8 +51,10 @@ class Registry:
         mirrored_registries: Iterable[str] = (),
         registry_filters: Iterable[re.Pattern[str]] = (),
         mirror: Mirror | None = None,
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self._reactor = reactor
+        self._stopping = stopping
         self._store = store
         self._mirror = mirror
         self._mirrored_registries = frozenset(mirrored_registries)
@@ -69,6 +71,9 @@ class Registry:
     @app.route("/readyz", methods=["GET"])
     def readyz(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/plain")
+        if self._stopping():
+            request.setResponseCode(503)
+            return b"shutting down\n"
         if not self._store.ready():
             request.setResponseCode(503)
             return b"containerd is not reachable\n"
