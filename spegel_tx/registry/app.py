@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from klein import Klein
 from twisted.internet.defer import CancelledError
@@ -17,6 +18,7 @@ from twisted.internet.interfaces import ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
 from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.exceptions import NotFound as werkzeug_NotFound
@@ -60,8 +62,8 @@ class Registry:
         self._mirrored_registries = frozenset(mirrored_registries)
         self._registry_filters = tuple(registry_filters)
 
-    def resource(self) -> Any:
-        return self.app.resource()
+    def resource(self) -> Resource:
+        return _Utf8Only(self.app.resource())
 
     @app.route("/livez", methods=["GET"])
     def livez(self, request: Request) -> bytes:
@@ -242,6 +244,27 @@ def _error_for(request: IRequest, failure: Failure) -> tuple[ErrorCode, str]:
         return ErrorCode.NAME_UNKNOWN, "no such endpoint: this registry serves only pulls"
     _log.failure("unexpected error serving {path}", failure, path=request.path)
     return ErrorCode.UNKNOWN, "internal error"
+
+
+class _Utf8Only(Resource):
+    """Klein answers a URL that is not UTF-8 with plain text and logs a traceback; a
+    client gets the OCI error instead, and the log stays clean."""
+
+    isLeaf = True
+
+    def __init__(self, routes: Resource) -> None:
+        super().__init__()
+        self._routes = routes
+
+    def render(self, request: Request) -> Any:
+        try:
+            unquote_to_bytes(request.path).decode("utf-8")
+            request.getRequestHostname().decode("utf-8")
+        except UnicodeDecodeError:
+            request.setResponseCode(400)
+            request.setHeader(b"content-type", b"application/json")
+            return error_body(ErrorCode.NAME_INVALID, "the URL is not UTF-8")
+        return self._routes.render(request)
 
 
 async def _abort(request: Request) -> None:

@@ -99,9 +99,8 @@ def wait_until_forwarding_to(
 ) -> None:
     """Ask ``node`` for a blob it lacks until it forwards the request to ``peer``.
 
-    A node leaves a peer that broke off alone for a while (``mirror-peer-quarantine``,
-    3 s in this cluster): after scenario 4, B would not even try A at first, and killing
-    A could cost B nothing.
+    A node tries a peer that broke off after the others until it is seen alive again:
+    after scenario 4, B might not try A first, and killing A could cost B nothing.
     """
     url = cluster.blob_url(node, image, image.config_digest)
 

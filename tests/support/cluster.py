@@ -143,8 +143,6 @@ class SpegelNode:
             "mirrored-registries": mirrored_registries,
             "data-dir": str(self.base / "data"),
             "debug-web-enabled": True,
-            # Scenario 5 waits for B to try A again after scenario 4 broke A off.
-            "mirror-peer-quarantine": "3s",
         }
 
     def start(self) -> None:

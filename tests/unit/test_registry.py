@@ -318,3 +318,12 @@ def test_tls_handshake_on_the_plain_port_is_refused_at_once(store):
     channel.dataReceived(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40)
     assert transport.value().startswith(b"HTTP/1.0 400 Bad Request\r\n")
     assert transport.disconnecting
+
+
+def test_a_url_that_is_not_utf8_gets_the_oci_error_not_a_traceback(store):
+    status, headers, body = raw_exchange(
+        store, b"GET /v2/library/%ff/manifests/v1 HTTP/1.1\r\nHost: n\r\n\r\n"
+    )
+    assert status == b"HTTP/1.1 400 Bad Request"
+    assert headers[b"content-type"] == b"application/json"
+    assert errors(body) == ["NAME_INVALID"]
