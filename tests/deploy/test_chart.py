@@ -268,6 +268,18 @@ def test_probes_use_readyz_and_livez_on_the_registry_port():
     assert "livenessProbe" not in minimal
 
 
+@pytest.mark.parametrize("grace", [20, 45])
+def test_the_kubelet_waits_longer_than_the_node_drains(tmp_path, grace):
+    """SIGTERM drains for shutdown-grace-period; the kubelet's SIGKILL must come later,
+    and liveness must not kill a pod that is draining (readiness only goes 503)."""
+    values = {"spegel": {"shutdownGracePeriodSeconds": grace}}
+    _, config = node_config(values, tmp_path)
+    pod = daemonset(values)["spec"]["template"]["spec"]
+    assert config.shutdown_grace_period == grace
+    assert pod["terminationGracePeriodSeconds"] == grace + 10
+    assert container(pod, "spegel-tx")["livenessProbe"]["httpGet"]["path"] == "/livez"
+
+
 def test_containerd_is_mounted_read_only_and_containers_are_locked_down():
     docs = documents({})
     pod = daemonset({})["spec"]["template"]["spec"]
