@@ -27,6 +27,7 @@ from twisted.web.server import Request
 from spegel_tx.config import Address
 from spegel_tx.errors import NotFound
 from spegel_tx.interfaces import ILookup, IRouter
+from spegel_tx.logs import error_text
 from spegel_tx.nodemetrics import NodeMetrics
 from spegel_tx.oci.ranges import content_range_first
 from spegel_tx.registry.access import requested_registry, set_handler
@@ -295,7 +296,9 @@ class Mirror:
         else:
             self.counters["peer_failed"] += 1
             self.health.quarantine(peer)
-        _log.info("peer {peer} failed: {reason}", peer=f"{peer[0]}:{peer[1]}", reason=str(reason))
+        _log.info(
+            "peer {peer} failed: {reason}", peer=f"{peer[0]}:{peer[1]}", reason=error_text(reason)
+        )
 
 
 def peer_url(peer: Peer, path: str) -> str:
