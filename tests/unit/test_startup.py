@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import re
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -281,7 +280,7 @@ def test_a_data_dir_that_cannot_be_used_is_a_config_error(tmp_path: Path) -> Non
     ],
 )
 def test_an_address_the_node_cannot_listen_on_is_one_line(code: int, line: str) -> None:
-    error = CannotListenError("127.0.0.1", 5000, socket.error(code, "whatever the OS says"))
+    error = CannotListenError("127.0.0.1", 5000, OSError(code, "whatever the OS says"))
     assert listen_failure("registry-addr", error) == line
 
 
@@ -296,13 +295,13 @@ class NodeReactor(MemoryReactorClock):
         self.busy_port = busy_port
         self.udp: list[tuple[int, Any, str]] = []
 
-    def listenUDP(self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 0):
+    def listenUDP(self, port: int, protocol: Any, interface: str = "", *_: Any) -> object:
         self.udp.append((port, protocol, interface))
         return object()
 
-    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = ""):
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
         if port == self.busy_port:
-            raise CannotListenError(interface, port, socket.error(errno.EADDRINUSE, "in use"))
+            raise CannotListenError(interface, port, OSError(errno.EADDRINUSE, "in use"))
         return super().listenTCP(port, factory, backlog, interface)
 
 
