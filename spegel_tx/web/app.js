@@ -30,7 +30,7 @@ function fixed(value, digits) {
 
 // One cell. kind: "num" (right-aligned), "hash" (shortened, whole on hover and copy),
 // "size" (bytes, shown in KiB/MiB/GiB, exact in its title and data-bytes), "text"
-// (wraps), or nothing.
+// (wraps), "addr" (an address: wraps in a narrower column), or nothing.
 function cell(row, value, kind) {
   const td = row.insertCell();
   const text = value === null || value === undefined ? "" : String(value);
@@ -102,7 +102,7 @@ function showNode(node) {
     cell(row, value, "text");
   }
   document.getElementById("peer-count").textContent = `(${node.peers.length})`;
-  fill("peers", node.peers, (p) => [[p.node_id, "hash"], [p.host], [p.port, "num"]]);
+  fill("peers", node.peers, (p) => [[p.node_id, "hash"], [p.host, "addr"], [p.port, "num"]]);
 
   const registries = Object.entries(node.advertised_by_registry).map(
     ([registry, n]) =>
@@ -120,7 +120,7 @@ function showNode(node) {
     [when(r.at, r.ago_s)],
     [r.method],
     [r.what, r.what.startsWith("sha256:") ? "hash" : "text"],
-    [r.peer],
+    [r.peer, "addr"],
     [r.status, "num"],
     [r.bytes, "size"],
     [fixed(r.seconds, 3), "num"],
@@ -162,7 +162,7 @@ function showMeasure(result) {
     [i.digest, "hash"],
     [mediaType(i.media_type), "text"],
     [i.size, "size"],
-    [i.peer],
+    [i.peer, "addr"],
     [fixed(i.lookup_ms, 1), "num"],
     [fixed(i.fetch_s, 3), "num"],
     [speed(i.mb_per_s), "num"],
@@ -173,7 +173,7 @@ function showMeasure(result) {
   });
   const foot = document.getElementById("measure-total");
   foot.replaceChildren();
-  cell(foot, `total: ${total.items} items, ${total.failed} failed`);
+  cell(foot, `${total.items} items, ${total.failed} failed`, "text");
   cell(foot, "");
   cell(foot, total.bytes, "size");
   cell(foot, `elapsed ${fixed(total.elapsed_s, 3)} s`);

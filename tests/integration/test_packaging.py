@@ -52,7 +52,7 @@ def test_twistd_refuses_a_bad_config_with_one_line(tmp_path):
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "spegel-tx: invalid configuration: registry-addr: 5000 is not a string"
+        "spegel-tx: registry-addr: 5000 is not an address: write host:port or :port, in quotes"
     ]
 
 
