@@ -120,7 +120,8 @@ def startup_failure(error: ConfigError) -> SystemExit:
 class Options(usage.Options):
     synopsis = "[--config node.yaml] [--<key> value ...]"
     longdesc = (
-        "Run a spegel-tx node. Every key of node.yaml is also a flag of the same name and "
+        "Run a spegel-tx node (`spegel-tx registry` runs the same, in the foreground with "
+        "JSON logs). Every key of node.yaml is also a flag of the same name and "
         "an environment variable (Spegel's names); flag > environment > file > default. "
         "Lists take Spegel's forms: flag values separated by spaces (or the flag repeated), "
         "comma-separated in the environment, a YAML list in the file. Of Spegel's other "

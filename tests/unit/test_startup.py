@@ -333,6 +333,7 @@ def test_dns_bootstrap_resolves_on_the_node_reactor() -> None:
     reactor = NodeReactor()
     build(reactor, **{"bootstrap-kind": "dns", "dns-bootstrap-domain": "peers.test"})
     assert len(global_reactor.getDelayedCalls()) == before
+    assert reactor.getDelayedCalls(), "the resolver re-reads resolv.conf on the node's clock"
 
 
 def test_a_port_in_use_ends_the_start_with_one_line() -> None:
