@@ -1,8 +1,9 @@
-"""``spegel-tx``: one-shot commands beside the twistd daemon.
+"""``spegel-tx``: the node and its one-shot commands, under Spegel's subcommand names.
 
-``configuration`` and ``cleanup`` take Spegel's flags and environment variables
-(flag over environment over default), so a Spegel init container or hook keeps
-working when only the image changes. ``doctor`` checks a node's setup.
+``registry`` runs the daemon (``twistd spegel``'s parser, so both take the same flags);
+``configuration`` and ``cleanup`` take Spegel's flags and environment variables (flag over
+environment over default), so a Spegel DaemonSet keeps working when only the image
+changes. ``doctor`` checks a node's setup.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import TypeVar, cast
 
 from spegel_tx import __version__, doctor
-from spegel_tx.config import environment_name, load_config
+from spegel_tx.config import environment_name, load_config, split_list
 from spegel_tx.containerd import hostsconfig
 from spegel_tx.errors import ConfigError
 
@@ -56,9 +57,28 @@ def parse_log_level(text: str) -> str:
     return text.upper()
 
 
+DESCRIPTION = (
+    "spegel-tx serves a Kubernetes node's containerd images to the other nodes, as Spegel "
+    "does. Its subcommands take Spegel's names, flags and environment variables, so a "
+    "Spegel DaemonSet runs unchanged with this image. Flags beat environment variables, "
+    "which beat defaults. A list flag takes its values separated by spaces, or repeated; "
+    "its environment variable takes them comma separated."
+)
+
+REGISTRY_ARGUMENTS = ("--nodaemon", "--pidfile=", "--logger=spegel_tx.logs.json_observer")
+"""What ``registry`` gives twistd: in the foreground (the kubelet or systemd supervises),
+no pid file (a read-only root), one JSON object per log line, as Spegel logs."""
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spegel-tx", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="spegel-tx", description=DESCRIPTION)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser(
+        "registry",
+        add_help=False,
+        help="run the node: the registry containerd pulls through, its DHT router and "
+        "metrics (spegel-tx registry --help lists its flags)",
+    )
     commands.add_parser("version", help="print the version and exit")
 
     configuration = commands.add_parser(
@@ -195,9 +215,10 @@ def _setting(
 
 
 def _list_setting(args: argparse.Namespace, key: str, environ: Mapping[str, str]) -> list[str]:
-    """Repeated, space or comma separated values, as Spegel's flags and variables take them."""
-    values: list[str] = _setting(args, key, environ, lambda text: [text], [])
-    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+    """The flag's values (space separated or repeated), else the environment variable's
+    (comma separated), as Spegel takes lists."""
+    values: list[str] = _setting(args, key, environ, split_list, [])
+    return [value.strip() for value in values if value.strip()]
 
 
 def _config_path(args: argparse.Namespace, environ: Mapping[str, str]) -> Path:
@@ -254,7 +275,21 @@ def _run(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
             print(f"wrote {path}")
 
 
+def registry(argv: Sequence[str]) -> int:
+    """``twistd spegel`` with ``argv``, as ``REGISTRY_ARGUMENTS`` say; returns once the
+    node stops. A bad flag or setting exits with one line before anything starts."""
+    from twisted.scripts.twistd import ServerOptions, runApp
+
+    options = ServerOptions()
+    options.parseOptions([*REGISTRY_ARGUMENTS, "spegel", *argv])
+    runApp(options)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["registry"]:
+        return registry(argv[1:])
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command == "version":

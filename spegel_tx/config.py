@@ -6,6 +6,7 @@ configuration over unchanged. Every problem raises ConfigError naming the key.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import ipaddress
 import os
@@ -63,8 +64,19 @@ def parse_duration(text: str) -> float:
     return total
 
 
+def format_duration(seconds: float) -> str:
+    """A Go duration string for ``seconds``, in the largest unit that holds it whole."""
+    for unit in ("h", "m", "s", "ms", "us"):
+        count = seconds / _DURATION_UNITS[unit]
+        if abs(count - round(count)) < 1e-9 and round(count) != 0:
+            return f"{round(count)}{unit}"
+    return "0" if seconds == 0 else f"{round(seconds / 1e-9)}ns"
+
+
 def parse_address(text: str) -> Address:
     """``host:port``, ``:port`` or ``[v6]:port``, as Go's net.Listen takes them."""
+    if "," in text:
+        raise ValueError(f"{text!r} is more than one address: give each as its own item")
     host, sep, port_text = text.strip().rpartition(":")
     if not sep:
         raise ValueError(f"{text!r} has no port; write host:port or :port")
@@ -82,6 +94,8 @@ def parse_registry_host(text: str) -> str:
     """A registry named by URL (Spegel's form, ``https://docker.io``) or by host."""
     text = text.strip()
     host = urlsplit(text).netloc if "://" in text else text
+    if "," in text:
+        raise ValueError(f"{text!r} is more than one registry: give each as its own item")
     if not host or any(c in host for c in "/?# "):
         raise ValueError(f"{text!r} is not a registry URL or host")
     return host
@@ -128,19 +142,30 @@ def _parse_choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
     return parse
 
 
-def _parse_list(item: Callable[[str], Any]) -> Callable[[Any], tuple[Any, ...]]:
-    """Lists come as YAML lists, or comma-separated from flags and environment."""
+def split_list(text: str) -> list[str]:
+    """Items of one comma-separated text, as Spegel reads a list from its environment:
+    CSV, so an item holding a comma is written in double quotes (``"a{1,3}",b``)."""
+    try:
+        rows = list(csv.reader([text], skipinitialspace=True))
+    except csv.Error as e:
+        raise ValueError(f"{text!r} is not a comma-separated list: {e}") from e
+    return [part.strip() for row in rows for part in row if part.strip()]
 
-    def parse(value: Any) -> tuple[Any, ...]:
+
+@dataclass(frozen=True)
+class _ListOf:
+    """A list is a YAML list or flag values, one item each, or one comma-separated text."""
+
+    item: Callable[[str], Any]
+
+    def __call__(self, value: Any) -> tuple[Any, ...]:
         if isinstance(value, str):
-            items = [part for part in (p.strip() for p in value.split(",")) if part]
-        elif isinstance(value, list):
-            items = [_parse_str(part) for part in value]
+            items = split_list(value)
+        elif isinstance(value, (list, tuple)):
+            items = [_parse_str(part).strip() for part in value]
         else:
             raise ValueError(f"{value!r} is not a list")
-        return tuple(item(part) for part in items)
-
-    return parse
+        return tuple(self.item(part) for part in items)
 
 
 def _parse_regex(text: str) -> re.Pattern[str]:
@@ -151,7 +176,9 @@ def _parse_regex(text: str) -> re.Pattern[str]:
 
 
 def _parse_address_value(value: Any) -> Address:
-    return parse_address(_parse_str(value))
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not an address: write host:port or :port, in quotes")
+    return parse_address(value)
 
 
 @dataclass(frozen=True)
@@ -184,6 +211,11 @@ class Config:
     router_record_ttl: float = 19 * 60.0
     router_republish_interval: float = 15 * 60.0
 
+    @property
+    def forwards(self) -> bool:
+        """Whether the node asks peers for what it lacks: only if it has a way to find them."""
+        return self.bootstrap_kind == "dns" or bool(self.static_bootstrap_peers)
+
 
 _PARSERS: dict[str, Callable[[Any], Any]] = {
     "registry-addr": _parse_address_value,
@@ -193,10 +225,10 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "containerd-namespace": _parse_str,
     "containerd-content-path": _parse_str,
     "bootstrap-kind": _parse_choice(_BOOTSTRAP_KINDS),
-    "static-bootstrap-peers": _parse_list(parse_address),
+    "static-bootstrap-peers": _ListOf(parse_address),
     "dns-bootstrap-domain": _parse_str,
-    "mirrored-registries": _parse_list(parse_registry_host),
-    "registry-filters": _parse_list(_parse_regex),
+    "mirrored-registries": _ListOf(parse_registry_host),
+    "registry-filters": _ListOf(_parse_regex),
     "mirror-resolve-timeout": _parse_duration_value,
     "mirror-resolve-retries": _parse_int,
     "mirror-connect-timeout": _parse_duration_value,
@@ -215,6 +247,61 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
 
 KEYS: tuple[str, ...] = tuple(_PARSERS)
 """Every configuration key, in the order the README documents them."""
+
+LIST_KEYS = frozenset(key for key, parse in _PARSERS.items() if isinstance(parse, _ListOf))
+"""Keys whose value is a list: flags take them as Spegel's do (space separated)."""
+
+BOOLEAN_KEYS = frozenset(key for key, parse in _PARSERS.items() if parse is _parse_bool)
+
+MEANINGS: dict[str, str] = {
+    "registry-addr": "TCP address of the OCI registry containerd is pointed at; "
+    "an empty host is every IPv4 interface.",
+    "router-addr": "UDP address of the DHT; every node of a cluster uses the same port.",
+    "metrics-addr": "HTTP address of /metrics and the debug pages.",
+    "containerd-sock": "containerd's gRPC socket.",
+    "containerd-namespace": "containerd namespace whose images are served (CRI uses k8s.io).",
+    "containerd-content-path": "containerd's content directory, read directly for speed; "
+    "empty: ask containerd.",
+    "bootstrap-kind": "How the DHT finds its first peers: static or dns.",
+    "static-bootstrap-peers": "Router addresses (host:port) of peers, for static; "
+    "none: the node serves only its own content and never forwards.",
+    "dns-bootstrap-domain": "Name whose A/AAAA records are the peers, for dns "
+    "(a headless Service).",
+    "mirrored-registries": "Registries served, as URLs or hosts; none: every registry.",
+    "registry-filters": "Regular expressions on registry/repo:tag; matching tags are not served.",
+    "mirror-resolve-timeout": "How long a peer lookup may stay idle before answering 404.",
+    "mirror-resolve-retries": "Providers tried before answering 404.",
+    "mirror-connect-timeout": "Time to open a TCP connection to a peer's registry.",
+    "mirror-response-timeout": "Time from a forwarded request to the peer's response headers.",
+    "mirror-idle-timeout": "Longest silence inside a peer's response body before resuming "
+    "from another provider.",
+    "mirror-peer-quarantine": "How long a peer that refused, timed out or broke off is tried "
+    "after the others (forgiven at once when seen alive).",
+    "mirror-resume-timeout": "How long a body broken off part-way waits for a provider, a "
+    "restarted one included, to resume it.",
+    "shutdown-grace-period": "After SIGTERM, how long responses in flight may finish.",
+    "data-dir": "Where the node keeps its DHT identity across restarts; none: a new id each start.",
+    "log-level": "DEBUG, INFO, WARN or ERROR.",
+    "debug-web-enabled": "Serve the debug web page at /debug/web/ on metrics-addr.",
+    "router-secret-file": "File holding the DHT cluster secret (16 bytes or more); "
+    "ROUTER_SECRET gives the secret itself.",
+    "router-record-ttl": "How long a provider record lives on the nodes that store it.",
+    "router-republish-interval": "How often the node republishes its own records; "
+    "shorter than router-record-ttl.",
+}
+"""What each key means, for ``--help``; the README's table says more."""
+
+
+def default_text(key: str) -> str:
+    """A key's default as an operator writes it: ``:5000``, ``20ms``, ``none``."""
+    value = getattr(Config(), key.replace("-", "_"))
+    if _PARSERS[key] is _parse_duration_value:
+        return format_duration(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value in ("", ()):
+        return "none"
+    return str(value)
 
 
 def environment_name(key: str) -> str:
@@ -242,27 +329,31 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     flags: Mapping[str, Any] | None = None,
 ) -> Config:
-    """Merge defaults < file < environment < flags, validating every value."""
-    raw: dict[str, Any] = {}
+    """Merge defaults < file < environment < flags, validating every value.
+
+    A bad value's error names the key and, if it came from there, its environment
+    variable or flag.
+    """
+    raw: dict[str, tuple[Any, str]] = {}
     if path:
         from_file = read_config_file(path)
         for key in from_file:
             if key not in _PARSERS:
-                raise ConfigError(str(key), "unknown key")
-        raw.update(from_file)
+                raise ConfigError(str(key), f"unknown key in {path}")
+        raw.update((key, (value, "")) for key, value in from_file.items())
     environ = os.environ if environ is None else environ
     for key in KEYS:
         if environment_name(key) in environ:
-            raw[key] = environ[environment_name(key)]
+            raw[key] = (environ[environment_name(key)], f" (from {environment_name(key)})")
     for key, value in (flags or {}).items():
         if value is not None:
-            raw[key] = value
+            raw[key] = (value, f" (from --{key})")
     values = {}
-    for key, value in raw.items():
+    for key, (value, source) in raw.items():
         try:
             values[key.replace("-", "_")] = _PARSERS[key](value)
         except (ValueError, TypeError) as e:
-            raise ConfigError(key, str(e)) from e
+            raise ConfigError(key, f"{e}{source}") from e
     config = dataclasses.replace(Config(), **values)
     if config.router_republish_interval >= config.router_record_ttl:
         raise ConfigError(
@@ -271,20 +362,39 @@ def load_config(
     return config
 
 
+MIN_SECRET_BYTES = 16
+_NEW_SECRET = "head -c 32 /dev/urandom | base64"
+
+
 def router_secret(config: Config, environ: Mapping[str, str] | None = None) -> bytes | None:
-    """The DHT cluster secret: ``ROUTER_SECRET`` itself, or the ``router-secret-file``."""
+    """The DHT cluster secret: ``ROUTER_SECRET`` itself, or the ``router-secret-file``'s
+    content; surrounding white space is not part of it, and either must hold 16 bytes."""
     environ = os.environ if environ is None else environ
     if environ.get("ROUTER_SECRET"):
-        return environ["ROUTER_SECRET"].encode()
-    if not config.router_secret_file:
+        secret = environ["ROUTER_SECRET"].strip().encode()
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ConfigError(
+                "ROUTER_SECRET",
+                f"holds {len(secret)} bytes, a cluster secret needs {MIN_SECRET_BYTES} or more: "
+                f"give every node the same longer one (`{_NEW_SECRET}` makes one)",
+            )
+        return secret
+    path = config.router_secret_file
+    if not path:
         return None
     try:
-        with open(config.router_secret_file, "rb") as f:
+        with open(path, "rb") as f:
             secret = f.read().strip()
     except OSError as e:
         raise ConfigError(
-            "router-secret-file", f"cannot read {config.router_secret_file}: {e.strerror}"
+            "router-secret-file",
+            f"cannot read {path}: {e.strerror}: make it a file this user (uid {os.getuid()}) "
+            "can read, or point router-secret-file at the cluster secret",
         ) from e
-    if len(secret) < 16:
-        raise ConfigError("router-secret-file", "the secret must be at least 16 bytes")
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            "router-secret-file",
+            f"{path} holds {len(secret)} bytes, a cluster secret needs {MIN_SECRET_BYTES} or "
+            f"more: put the same longer one on every node (`{_NEW_SECRET} > {path}`)",
+        )
     return secret

@@ -12,6 +12,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource
 
+from spegel_tx.readiness import Readiness
 from spegel_tx.routing.kademlia.protocol import KademliaProtocol
 from spegel_tx.routing.kademlia.router import KademliaRouter
 
@@ -22,10 +23,17 @@ LOOKUP_BUDGET = 3.0
 class DebugPages:
     app = Klein()
 
-    def __init__(self, clock: Any, router: KademliaRouter, web: IResource | None = None) -> None:
+    def __init__(
+        self,
+        clock: Any,
+        router: KademliaRouter,
+        readiness: Readiness,
+        web: IResource | None = None,
+    ) -> None:
         """``web`` is the debug web page, None unless ``debug-web-enabled``."""
         self._clock = clock
         self._router = router
+        self._readiness = readiness
         self._web = web
 
     def resource(self) -> Any:
@@ -36,7 +44,7 @@ class DebugPages:
         protocol = self._router.protocol
         page = {
             "node_id": protocol.node_id.hex(),
-            "ready": self._router.ready(),
+            **readiness_fields(self._readiness),
             "peers": routing_table(protocol),
             "records_stored": sum(len(holders) for holders in protocol.records.values()),
             "counters": dict(protocol.counters),
@@ -66,6 +74,12 @@ class DebugPages:
     @app.route("/web/", branch=True)
     def web(self, request: IRequest) -> IResource:
         return self._web if self._web is not None else notFound()
+
+
+def readiness_fields(readiness: Readiness) -> dict[str, Any]:
+    """``ready``, and ``not_ready_because`` (empty when ready), as every page gives them."""
+    reasons = readiness.reasons()
+    return {"ready": not reasons, "not_ready_because": reasons}
 
 
 def routing_table(protocol: KademliaProtocol) -> list[dict[str, Any]]:

@@ -27,8 +27,9 @@ from twisted.web.iweb import IRequest
 
 from spegel_tx.config import Address
 from spegel_tx.content import Descriptor
-from spegel_tx.debug import LOOKUP_BUDGET, json_page, routing_table
+from spegel_tx.debug import LOOKUP_BUDGET, json_page, readiness_fields, routing_table
 from spegel_tx.interfaces import ILookup, IRouter
+from spegel_tx.logs import error_text
 from spegel_tx.nodemetrics import MirroredRequest, NodeMetrics
 from spegel_tx.oci.manifest import (
     INDEX_MEDIA_TYPES,
@@ -38,6 +39,7 @@ from spegel_tx.oci.manifest import (
     platform_manifest,
 )
 from spegel_tx.oci.reference import split_image_name
+from spegel_tx.readiness import Readiness
 from spegel_tx.registry.app import MAX_MANIFEST_SIZE
 from spegel_tx.registry.mirror import MIRRORED_HEADER, MirrorSettings, peer_url, request_peer
 from spegel_tx.registry.peers import Peer
@@ -92,18 +94,21 @@ class DebugWeb:
         metrics: NodeMetrics,
         client: Any,
         settings: MirrorSettings,
-        addresses: Mapping[str, str],
+        readiness: Readiness,
+        facts: Mapping[str, str],
     ) -> None:
         """``protocol`` is the router's, for this node's id and routing table; ``client``
-        is treq-like, with the node's peer connection pool."""
+        is treq-like, with the node's peer connection pool; ``facts`` what the node is
+        (its addresses, containerd, bootstrap), shown as they are."""
         self._clock = clock
         self._router = router
+        self._readiness = readiness
         self._protocol = protocol
         self._tracker = tracker
         self._metrics = metrics
         self._client = client
         self._settings = settings
-        self._addresses = dict(addresses)
+        self._facts = dict(facts)
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -129,8 +134,8 @@ class DebugWeb:
         last_success = self._metrics.mirror_last_success.value()
         return {
             "node_id": self._protocol.node_id.hex(),
-            "ready": self._router.ready(),
-            "addresses": self._addresses,
+            **readiness_fields(self._readiness),
+            "facts": self._facts,
             "peers": routing_table(self._protocol),
             "images": [
                 {"name": name, "digest": digest}
@@ -224,7 +229,7 @@ class DebugWeb:
                     raise  # the operator went away: stop measuring
                 except Exception as e:
                     # Whatever went wrong with one peer, the next one is tried.
-                    item.tried.append(f"{address}: {e or type(e).__name__}")
+                    item.tried.append(f"{address}: {error_text(e)}")
                     continue
                 item.peer = address
                 return item, body

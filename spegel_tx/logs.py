@@ -1,6 +1,8 @@
 """Log output for operators: one JSON object per line, and a level filter.
 
 Use with twistd's own switch: ``twistd -n --logger spegel_tx.logs.json_observer spegel ...``.
+What Twisted itself says at info level (ports opening and closing, factories starting,
+twistd's banner) is debug here: the node's own startup line says what it is.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from twisted.logger import (
     LogLevelFilterPredicate,
     formatEvent,
 )
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 _RESERVED = frozenset(
@@ -46,6 +49,25 @@ _RESERVED = frozenset(
 )
 
 
+def error_text(error: object) -> str:
+    """An exception (or Failure) as a sentence: Twisted's web client wraps the real
+    causes in a list of Failures, whose text would be their reprs."""
+    if isinstance(error, Failure):
+        return error_text(error.value)
+    reasons = getattr(error, "reasons", None)
+    if isinstance(reasons, list) and reasons:
+        return "; ".join(map(error_text, reasons))
+    return str(error) or type(error).__name__
+
+
+def _field(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool, type(None))):
+        return value
+    if isinstance(value, BaseException):
+        return error_text(value)
+    return str(value)
+
+
 def event_as_dict(event: LogEvent) -> dict[str, Any]:
     """The fields an operator greps for, plus every structured field the event carries."""
     level = event.get("log_level", LogLevel.info)
@@ -56,10 +78,8 @@ def event_as_dict(event: LogEvent) -> dict[str, Any]:
         "msg": formatEvent(event),
     }
     for key, value in event.items():
-        if key not in _RESERVED and not key.startswith("log_"):
-            record[key] = (
-                value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
-            )
+        if key not in _RESERVED and key not in record and not key.startswith("log_"):
+            record[key] = _field(value)
     failure = event.get("log_failure")
     if failure is not None:
         record["traceback"] = failure.getTraceback()
@@ -74,6 +94,26 @@ class JSONLinesObserver:
     def __call__(self, event: LogEvent) -> None:
         self._out.write(json.dumps(event_as_dict(event), default=str) + "\n")
         self._out.flush()
+
+
+def is_twisted_chatter(event: LogEvent) -> bool:
+    """Info from Twisted itself: events of its namespaces, and its old ``log.msg`` calls."""
+    namespace = event.get("log_namespace", "")
+    twisted = namespace == "log_legacy" or namespace.startswith("twisted.")
+    return twisted and event.get("log_level", LogLevel.info) == LogLevel.info
+
+
+@implementer(ILogObserver)
+class QuietTwisted:
+    """Passes Twisted's own info events on as debug; everything else as it is."""
+
+    def __init__(self, observer: ILogObserver) -> None:
+        self._observer = observer
+
+    def __call__(self, event: LogEvent) -> None:
+        if is_twisted_chatter(event):
+            event = {**event, "log_level": LogLevel.debug}
+        self._observer(event)
 
 
 def level_filter(observer: ILogObserver, level_name: str) -> ILogObserver:
@@ -92,4 +132,4 @@ def configure(level: str) -> None:
 
 def json_observer() -> ILogObserver:
     """The factory twistd's ``--logger`` switch names."""
-    return level_filter(JSONLinesObserver(sys.stdout), _level)
+    return QuietTwisted(level_filter(JSONLinesObserver(sys.stdout), _level))

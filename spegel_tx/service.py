@@ -2,39 +2,134 @@
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from treq.client import HTTPClient
 from twisted.application.internet import TCPServer, UDPServer
+from twisted.application.service import MultiService, Service
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IResolver
+from twisted.logger import Logger
 from twisted.names import client as dns_client
+from twisted.names.cache import CacheResolver
+from twisted.names.hosts import Resolver as HostsResolver
+from twisted.names.resolve import ResolverChain
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from spegel_tx.config import Config, router_secret
+from spegel_tx import __version__
+from spegel_tx.config import Address, Config, environment_name
 from spegel_tx.containerd.store import ContainerdStore
 from spegel_tx.debug import DebugPages
 from spegel_tx.debugweb import DebugWeb
 from spegel_tx.interfaces import IBootstrapper
 from spegel_tx.metrics import MetricsResource
 from spegel_tx.nodemetrics import NodeMetrics
+from spegel_tx.readiness import Readiness
 from spegel_tx.registry.access import RegistrySite
 from spegel_tx.registry.app import Registry
 from spegel_tx.registry.connections import peer_agent
 from spegel_tx.registry.mirror import Mirror, MirrorSettings
 from spegel_tx.routing.bootstrap import DNSBootstrapper, StaticBootstrapper
-from spegel_tx.routing.kademlia.node import load_or_create_node_id
 from spegel_tx.routing.kademlia.protocol import KademliaProtocol
 from spegel_tx.routing.kademlia.router import KademliaRouter
-from spegel_tx.shutdown import Node
+from spegel_tx.shutdown import GracefulNode
 from spegel_tx.state import StateTracker
 
 PEER_CONNECTIONS = 8
 """Kept-alive connections per peer: containerd fetches a pull's layers in parallel."""
 
+_log = Logger()
+
+STARTED = (
+    "spegel-tx {version}: registry {registry}, router {router}, metrics {metrics}; "
+    "containerd {containerd} namespace {containerd_namespace}; bootstrap {bootstrap}; {forwarding}"
+)
+"""The one line that says what a starting node is (its fields are ``node_facts``)."""
+
+
+def node_facts(config: Config) -> dict[str, str]:
+    """What the node is, as its startup line and its debug page show it."""
+    if config.bootstrap_kind == "dns":
+        bootstrap = f"dns {config.dns_bootstrap_domain}"
+    else:
+        peers = ", ".join(map(str, config.static_bootstrap_peers))
+        bootstrap = f"static {peers or '(no peers)'}"
+    return {
+        "version": __version__,
+        "registry": str(config.registry_addr),
+        "router": f"{config.router_addr} (UDP)",
+        "metrics": str(config.metrics_addr),
+        "containerd": config.containerd_sock,
+        "containerd_namespace": config.containerd_namespace,
+        "bootstrap": bootstrap,
+        "forwarding": "forwards what it lacks to peers"
+        if config.forwards
+        else "never forwards: no bootstrap peers, so it serves only its own content",
+    }
+
+
+def listen_failure(key: str, error: CannotListenError) -> str:
+    """The line for a ``*-addr`` the node cannot listen on, with what to change."""
+    address = Address(error.interface, error.port)
+    code = getattr(error.socketError, "errno", None)
+    change = f"set {key} ({environment_name(key)}) to"
+    if code == errno.EADDRINUSE:
+        problem = f"{address} is already in use: stop what listens there, or {change} a free one"
+    elif code == errno.EADDRNOTAVAIL:
+        problem = (
+            f"{address} is not an address of this machine: {change} one of its addresses, "
+            f"or :{error.port} for all of them"
+        )
+    elif code == errno.EACCES:
+        problem = (
+            f"not allowed to listen on {address}: ports below 1024 need root or "
+            f"CAP_NET_BIND_SERVICE, or {change} a higher port"
+        )
+    else:
+        reason = getattr(error.socketError, "strerror", None) or error.socketError
+        problem = f"cannot listen on {address}: {reason}"
+    return f"{key}: {problem}"
+
+
+class Node(GracefulNode):
+    """The node's services. Its listeners are named by their config key, so that an
+    address it cannot listen on ends the start with one line naming the key; on stop it
+    drains first (``shutdown.py``)."""
+
+    def __init__(self, config: Config, clock: Any) -> None:
+        super().__init__(clock, config.shutdown_grace_period)
+        self._config = config
+
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+        for service in self:
+            try:
+                service.privilegedStartService()
+            except CannotListenError as e:
+                raise SystemExit(f"spegel-tx: {listen_failure(str(service.name), e)}") from None
+
+    def startService(self) -> None:
+        super().startService()
+        _log.info(STARTED, **node_facts(self._config))
+
+
+def dns_resolver(reactor: Any) -> IResolver:
+    """What ``createResolver`` builds (hosts file, cache, resolv.conf's servers), on
+    ``reactor``: ``createResolver`` would schedule its work on the global one."""
+    return ResolverChain(
+        [
+            HostsResolver(b"/etc/hosts"),
+            CacheResolver(reactor=reactor),
+            dns_client.Resolver(b"/etc/resolv.conf", reactor=reactor),
+        ]
+    )
+
 
 def make_bootstrapper(config: Config, reactor: Any) -> IBootstrapper:
     if config.bootstrap_kind == "dns":
-        resolver = dns_client.createResolver()
+        resolver = dns_resolver(reactor)
         return DNSBootstrapper(resolver, config.dns_bootstrap_domain, config.router_addr.port)
     return StaticBootstrapper(reactor, config.static_bootstrap_peers)
 
@@ -55,9 +150,12 @@ def peer_client(config: Config, reactor: Any) -> HTTPClient:
     return HTTPClient(peer_agent(reactor, config.mirror_connect_timeout, PEER_CONNECTIONS))
 
 
-def make_service(config: Config, reactor: Any) -> Node:
-    """Children stop in reverse order: the router withdraws while its UDP port still listens."""
-    node = Node(reactor, config.shutdown_grace_period)
+def make_service(config: Config, reactor: Any, *, secret: bytes | None, node_id: bytes) -> Node:
+    """Children stop in reverse order: the router withdraws while its UDP port still listens.
+
+    ``secret`` and ``node_id`` were read and checked before (``tap.py``): nothing here fails.
+    """
+    node = Node(config, reactor)
     metrics = NodeMetrics(reactor)
     store = ContainerdStore(
         reactor,
@@ -69,14 +167,16 @@ def make_service(config: Config, reactor: Any) -> Node:
 
     protocol = KademliaProtocol(
         reactor,
-        load_or_create_node_id(config.data_dir),
+        node_id,
         registry_port=config.registry_addr.port,
-        secret=router_secret(config),
+        secret=secret,
         record_ttl=config.router_record_ttl,
     )
-    UDPServer(
+    udp = UDPServer(
         config.router_addr.port, protocol, interface=config.router_addr.host, reactor=reactor
-    ).setServiceParent(node)
+    )
+    udp.setName("router-addr")
+    udp.setServiceParent(node)
     router = KademliaRouter(
         reactor,
         protocol,
@@ -92,45 +192,49 @@ def make_service(config: Config, reactor: Any) -> Node:
     tracker.setServiceParent(node)
     metrics.watch_state(tracker)
 
-    has_peers = bool(config.static_bootstrap_peers) or config.bootstrap_kind == "dns"
     client = peer_client(config, reactor)
     settings = mirror_settings(config)
-    mirror = Mirror(reactor, router, client, settings, metrics=metrics) if has_peers else None
-    if mirror is not None:
+    mirror = None
+    if config.forwards:
+        mirror = Mirror(reactor, router, client, settings, metrics=metrics)
         metrics.watch_mirror(mirror)
         # A peer whose router speaks is up again, whatever its last request said.
         protocol.on_peer_seen = mirror.health.alive
+    readiness = Readiness(store, router if config.forwards else None, lambda: node.stopping)
     registry = Registry(
         reactor,
         store,
         config.mirrored_registries,
         config.registry_filters,
         mirror=mirror,
-        stopping=lambda: node.stopping,
+        readiness=readiness,
     )
-    site = RegistrySite(registry.resource(), metrics)
-    listener = TCPServer(
-        config.registry_addr.port, site, interface=config.registry_addr.host, reactor=reactor
-    )
-    listener.setServiceParent(node)
-    node.drains(site, listener, tracker, router)
+    registry_site = RegistrySite(registry.resource(), metrics)
+    listener = _listen(node, "registry-addr", config.registry_addr, registry_site, reactor)
+    node.drains(registry_site, listener, tracker, router)
     web = None
     if config.debug_web_enabled:
-        addresses = {
-            "registry": str(config.registry_addr),
-            "router": str(config.router_addr),
-            "metrics": str(config.metrics_addr),
-        }
+        facts = node_facts(config)
         web = DebugWeb(
-            reactor, router, router.protocol, tracker, metrics, client, settings, addresses
+            reactor, router, router.protocol, tracker, metrics, client, settings, readiness, facts
         ).resource()
-    TCPServer(
-        config.metrics_addr.port,
-        Site(metrics_root(metrics, DebugPages(reactor, router, web))),
-        interface=config.metrics_addr.host,
-        reactor=reactor,
-    ).setServiceParent(node)
+    pages = DebugPages(reactor, router, readiness, web)
+    # Requests here are logged as the registry's are, but count in no registry metric.
+    _listen(
+        node,
+        "metrics-addr",
+        config.metrics_addr,
+        RegistrySite(metrics_root(metrics, pages)),
+        reactor,
+    )
     return node
+
+
+def _listen(node: MultiService, key: str, address: Address, site: Site, reactor: Any) -> TCPServer:
+    listener = TCPServer(address.port, site, interface=address.host, reactor=reactor)
+    listener.setName(key)
+    listener.setServiceParent(node)
+    return listener
 
 
 def metrics_root(metrics: NodeMetrics, debug: DebugPages) -> Resource:

@@ -25,8 +25,8 @@ from spegel_tx.registry.access import RegistrySite
 _log = Logger()
 
 
-class Node(MultiService):
-    """The node's services; stopping it drains the registry before the rest stops."""
+class GracefulNode(MultiService):
+    """Services that, on stop, drain the registry before the rest stops."""
 
     def __init__(self, clock: Any, grace_period: float) -> None:
         super().__init__()
@@ -93,7 +93,7 @@ def _stop_failed(failure: Failure, service: str) -> None:
     _log.failure("stopping {service} failed", failure, service=service)
 
 
-def handle_sigterm(reactor: Any, node: Node) -> None:
+def handle_sigterm(reactor: Any, node: GracefulNode) -> None:
     """Take SIGTERM from Twisted once the reactor runs: Twisted's own handler would
     stop the reactor too, but exit by the signal and ignore a second one."""
 

@@ -36,6 +36,9 @@ T = TypeVar("T")
 
 NAMESPACE_KEY = "containerd-namespace"
 
+CHECK_CONTAINERD = "Check containerd-sock, or run `spegel-tx doctor`."
+"""What an operator should do when containerd does not answer, for the log lines saying so."""
+
 # Event payloads we can decode, by the full message name their Any type URL ends with.
 EVENT_TYPES: dict[str, type[Message]] = {
     message.DESCRIPTOR.full_name: message

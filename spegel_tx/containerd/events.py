@@ -16,9 +16,9 @@ from typing import Any
 
 from google.protobuf.message import Message
 from twisted.internet.interfaces import IDelayedCall
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
-from spegel_tx.containerd.client import ContainerdClient, Stream
+from spegel_tx.containerd.client import CHECK_CONTAINERD, ContainerdClient, Stream
 from spegel_tx.content import ImageEvent, ImageEventKind
 
 log = Logger()
@@ -95,6 +95,7 @@ class EventWatcher:
         self._running = False
         self._stream: Stream[Any] | None = None
         self._stream_started = 0.0
+        self._delivered = False
         self._thread: threading.Thread | None = None
         self._retry: IDelayedCall | None = None
         self.subscriptions = 0
@@ -122,6 +123,7 @@ class EventWatcher:
         if not self._running:
             return
         self._stream_started = self._reactor.seconds()
+        self._delivered = False
         try:
             stream = self._client.subscribe(self._filters)
         except Exception as e:
@@ -150,6 +152,7 @@ class EventWatcher:
         if not self._running or stream is not self._stream:
             return
         self._delay = self._min_delay
+        self._delivered = True
         try:
             self._deliver(event)
         except Exception:
@@ -160,12 +163,19 @@ class EventWatcher:
             return
         self._stream = None
         self._thread = None
-        if self._reactor.seconds() - self._stream_started >= HEALTHY_AFTER:
+        healthy = self._delivered or (
+            self._reactor.seconds() - self._stream_started >= HEALTHY_AFTER
+        )
+        if healthy:
             self._delay = self._min_delay
         delay = self._delay
         self._delay = min(self._delay * 2, self._max_delay)
-        log.warn(
-            "containerd event stream ended ({error}); re-subscribing in {delay}s",
+        # Only a stream that worked is news: while containerd stays down, every retry
+        # fails again, and the store says once that containerd is not reachable.
+        log.emit(
+            LogLevel.warn if healthy else LogLevel.debug,
+            "containerd event stream ended ({error}); re-subscribing in {delay}s. "
+            + CHECK_CONTAINERD,
             error=error or "closed by containerd",
             delay=delay,
         )

@@ -80,6 +80,8 @@ def _bracket_ipv6(url: str) -> str:
 
 def _parse_url(text: str, key: str, example: str) -> str:
     """``scheme://host[:port]`` with nothing else, the only form containerd's host keys need."""
+    if "," in text:
+        raise ConfigError(key, f"{text!r} is more than one URL: give each as its own value")
     url = _bracket_ipv6(text.strip())
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:

@@ -19,12 +19,12 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from spegel_tx.containerd.client import ContainerdClient, Stream
+from spegel_tx.containerd.client import CHECK_CONTAINERD, ContainerdClient, Stream
 from spegel_tx.containerd.events import EventWatcher, RunInThread, start_thread
 from spegel_tx.content import Descriptor, Image, ImageEvent
 from spegel_tx.errors import InvalidDigest, NotFound, Unavailable
@@ -234,6 +234,7 @@ class ContainerdStore(Service):
         self._watcher: EventWatcher | None = None
         self._handlers: list[Callable[[ImageEvent], None]] = []
         self._ready = False
+        self._down_logged = False
         self._probing = False
         self._probe_call: IDelayedCall | None = None
 
@@ -312,6 +313,7 @@ class ContainerdStore(Service):
         if not self.running or self._ready:
             return
         self._ready = True
+        self._down_logged = False
         log.info(
             "containerd {version} answering at {address} (namespace {namespace}, content {path})",
             version=version,
@@ -327,11 +329,17 @@ class ContainerdStore(Service):
             return
         delay = self._retry_delay
         self._retry_delay = min(self._retry_delay * 2, self._max_retry_delay)
-        log.warn(
-            "containerd not reachable at {address} ({error}), retrying in {delay}s",
+        # Once per outage: the retries that follow are debug, the recovery is info.
+        level = LogLevel.debug if self._down_logged else LogLevel.warn
+        self._down_logged = True
+        log.emit(
+            level,
+            "containerd not reachable at {address} ({error}); retrying (backoff up to "
+            "{max_delay}s), and saying so once it answers. " + CHECK_CONTAINERD,
             address=self.address,
             error=failure.getErrorMessage(),
             delay=delay,
+            max_delay=self._max_retry_delay,
         )
         self._probe_call = self._reactor.callLater(delay, self._probe)
 
@@ -344,8 +352,10 @@ class ContainerdStore(Service):
         """Errback of every call: an unreachable containerd makes us unready and probing."""
         if failure.check(Unavailable) and self._ready and self.running:
             self._ready = False
+            self._down_logged = True
             log.warn(
-                "containerd at {address} stopped answering ({error}); probing again",
+                "containerd at {address} stopped answering ({error}); probing again, and "
+                "saying so once it answers. " + CHECK_CONTAINERD,
                 address=self.address,
                 error=failure.getErrorMessage(),
             )

@@ -127,6 +127,7 @@ class RegistrySite(Site):
     which also feeds the node's metrics when it has some."""
 
     requestFactory = AccessLogRequest
+    noisy = False  # no "Starting factory <...>" line: the node's startup line says it all
     # Twisted annotates this as its private HTTP/2-negotiating wrapper; a plain
     # HTTPChannel is what HTTPFactory built before that wrapper existed.
     protocol = RegistryChannel  # type: ignore[assignment]

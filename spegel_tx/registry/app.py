@@ -8,7 +8,7 @@ whatever the reason.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -31,6 +31,7 @@ from spegel_tx.oci.errors import ErrorCode, error_body
 from spegel_tx.oci.manifest import MANIFEST_MEDIA_TYPES
 from spegel_tx.oci.ranges import RangeNotSatisfiable, parse_range
 from spegel_tx.oci.reference import Reference, parse_reference, parse_repository, split_image_name
+from spegel_tx.readiness import Readiness
 from spegel_tx.registry.access import requested_registry, set_handler
 from spegel_tx.registry.mirror import MIRRORED_HEADER, Mirror, MirrorBodyFailed
 from spegel_tx.registry.streaming import send_blob
@@ -53,12 +54,13 @@ class Registry:
         mirrored_registries: Iterable[str] = (),
         registry_filters: Iterable[re.Pattern[str]] = (),
         mirror: Mirror | None = None,
-        stopping: Callable[[], bool] = lambda: False,
+        readiness: Readiness | None = None,
     ) -> None:
+        """``readiness`` is the node's; by default, the store's and the mirror's."""
         self._reactor = reactor
-        self._stopping = stopping
         self._store = store
         self._mirror = mirror
+        self._readiness = readiness or Readiness(store, mirror)
         self._mirrored_registries = frozenset(mirrored_registries)
         self._registry_filters = tuple(registry_filters)
 
@@ -72,17 +74,12 @@ class Registry:
 
     @app.route("/readyz", methods=["GET"])
     def readyz(self, request: Request) -> bytes:
+        """200 ``ok``, or 503 with each reason the node is not ready on a line."""
         request.setHeader(b"content-type", b"text/plain")
-        if self._stopping():
+        reasons = self._readiness.reasons()
+        if reasons:
             request.setResponseCode(503)
-            return b"shutting down\n"
-        if not self._store.ready():
-            request.setResponseCode(503)
-            return b"containerd is not reachable\n"
-        if self._mirror is not None and not self._mirror.ready():
-            request.setResponseCode(503)
-            return b"no DHT peer found yet\n"
-        return b"ok\n"
+        return "".join(f"{line}\n" for line in reasons or ["ok"]).encode()
 
     @app.route("/v2/", methods=["GET"])
     def base(self, request: Request) -> bytes:

@@ -28,6 +28,7 @@ from twisted.web.server import Request
 from spegel_tx.config import Address
 from spegel_tx.errors import NotFound
 from spegel_tx.interfaces import IRouter
+from spegel_tx.logs import error_text
 from spegel_tx.nodemetrics import NodeMetrics
 from spegel_tx.oci.ranges import content_range_first
 from spegel_tx.registry.access import requested_registry, set_handler
@@ -335,7 +336,9 @@ class Mirror:
         else:
             self.counters["peer_failed"] += 1
             self.health.charge(peer, fault)
-        _log.info("peer {peer} failed: {reason}", peer=f"{peer[0]}:{peer[1]}", reason=str(reason))
+        _log.info(
+            "peer {peer} failed: {reason}", peer=f"{peer[0]}:{peer[1]}", reason=error_text(reason)
+        )
 
 
 def _judge(response: Any, method: str, ranged: bool, resume_at: int | None) -> Fault | None:

@@ -10,7 +10,7 @@ import ipaddress
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.names import dns
 from zope.interface import implementer
 
@@ -60,6 +60,7 @@ class DNSBootstrapper:
         self._resolver = resolver
         self._domain = domain
         self._port = port
+        self._empty_told = False
 
     async def _lookup(self) -> list[tuple[str, int]]:
         results = await DeferredList(
@@ -79,8 +80,11 @@ class DNSBootstrapper:
                     hosts.append(
                         record.payload.dottedQuad() if record.type == dns.A else _aaaa(record)
                     )
+        # Said once until the name has addresses again: bootstrap retries it every few seconds.
+        level = LogLevel.debug if self._empty_told else LogLevel.warn
         if not hosts:
-            _log.warn("no A or AAAA records for {domain}", domain=self._domain)
+            _log.emit(level, "no A or AAAA records for {domain}", domain=self._domain)
+        self._empty_told = not hosts
         return [(host, self._port) for host in sorted(set(hosts))]
 
     def peers(self) -> Deferred[list[tuple[str, int]]]:

@@ -3,11 +3,54 @@
 "use strict";
 
 const REFRESH_MS = 5000;
+const UNITS = ["KiB", "MiB", "GiB", "TiB"];
 
-function cell(row, value, className) {
+function humanBytes(bytes) {
+  if (bytes < 1024) return `${bytes} B`;
+  let value = bytes;
+  let unit = "B";
+  for (const next of UNITS) {
+    if (value < 1024) break;
+    value /= 1024;
+    unit = next;
+  }
+  return `${value.toFixed(1)} ${unit}`;
+}
+
+function speed(mbPerSecond) {
+  if (mbPerSecond === null || mbPerSecond === undefined) return "";
+  if (mbPerSecond >= 100) return mbPerSecond.toFixed(0);
+  if (mbPerSecond >= 1) return mbPerSecond.toFixed(1);
+  return mbPerSecond.toPrecision(2);
+}
+
+function fixed(value, digits) {
+  return value === null || value === undefined ? "" : value.toFixed(digits);
+}
+
+// One cell. kind: "num" (right-aligned), "hash" (shortened, whole on hover and copy),
+// "size" (bytes, shown in KiB/MiB/GiB, exact in its title and data-bytes), "text"
+// (wraps), "addr" (an address: wraps in a narrower column), or nothing.
+function cell(row, value, kind) {
   const td = row.insertCell();
-  td.textContent = value === null || value === undefined ? "" : String(value);
-  if (className) td.className = className;
+  const text = value === null || value === undefined ? "" : String(value);
+  if (kind === "hash") {
+    const span = document.createElement("span");
+    span.className = "hash";
+    span.textContent = text;
+    span.title = text;
+    td.append(span);
+  } else if (kind === "size") {
+    td.className = "num";
+    if (typeof value === "number" && value >= 0) {
+      td.textContent = humanBytes(value);
+      td.title = `${value} bytes`;
+      td.dataset.bytes = String(value);
+    }
+  } else {
+    td.textContent = text;
+    if (kind) td.className = kind;
+  }
   return td;
 }
 
@@ -16,7 +59,7 @@ function fill(tableId, rows, columns) {
   body.replaceChildren();
   for (const item of rows) {
     const row = body.insertRow();
-    for (const [value, className] of columns(item)) cell(row, value, className);
+    for (const [value, kind] of columns(item)) cell(row, value, kind);
   }
 }
 
@@ -28,15 +71,38 @@ function when(at, agoSeconds) {
   return `${new Date(at * 1000).toLocaleTimeString()} (${since(agoSeconds)})`;
 }
 
-function showNode(node) {
-  document.getElementById("node-id").textContent = node.node_id;
+function showReadiness(node) {
   const ready = document.getElementById("ready");
-  ready.textContent = node.ready ? "ready" : "not ready: no DHT peer yet";
+  ready.textContent = node.ready ? "ready" : "not ready";
   ready.className = `badge ${node.ready ? "ready" : "not-ready"}`;
+  const reasons = document.getElementById("not-ready");
+  reasons.replaceChildren(
+    ...node.not_ready_because.map((reason) => {
+      const item = document.createElement("li");
+      item.textContent = reason;
+      return item;
+    }),
+  );
+  reasons.hidden = node.ready;
+}
 
-  fill("addresses", Object.entries(node.addresses), ([name, address]) => [[name], [address]]);
+function showNode(node) {
+  const id = document.getElementById("node-id");
+  id.textContent = node.node_id;
+  id.title = node.node_id;
+  showReadiness(node);
+
+  const facts = document.querySelector("#facts tbody");
+  facts.replaceChildren();
+  for (const [name, value] of Object.entries(node.facts)) {
+    const row = facts.insertRow();
+    const label = document.createElement("th");
+    label.textContent = name.replaceAll("_", " ");
+    row.append(label);
+    cell(row, value, "text");
+  }
   document.getElementById("peer-count").textContent = `(${node.peers.length})`;
-  fill("peers", node.peers, (p) => [[p.node_id], [p.host], [p.port, "num"]]);
+  fill("peers", node.peers, (p) => [[p.node_id, "hash"], [p.host, "addr"], [p.port, "num"]]);
 
   const registries = Object.entries(node.advertised_by_registry).map(
     ([registry, n]) =>
@@ -44,7 +110,7 @@ function showNode(node) {
   );
   document.getElementById("advertised").textContent =
     `(${node.advertised_keys} keys${registries.length ? "; " + registries.join("; ") : ""})`;
-  fill("images", node.images, (i) => [[i.name], [i.digest]]);
+  fill("images", node.images, (i) => [[i.name, "text"], [i.digest, "hash"]]);
 
   const last = node.last_mirror_success;
   document.getElementById("last-success").textContent = last
@@ -53,12 +119,12 @@ function showNode(node) {
   fill("mirrored", node.recent_mirrored, (r) => [
     [when(r.at, r.ago_s)],
     [r.method],
-    [r.what],
-    [r.peer],
+    [r.what, r.what.startsWith("sha256:") ? "hash" : "text"],
+    [r.peer, "addr"],
     [r.status, "num"],
-    [r.bytes, "num"],
-    [r.seconds, "num"],
-    [r.mb_per_s, "num"],
+    [r.bytes, "size"],
+    [fixed(r.seconds, 3), "num"],
+    [speed(r.mb_per_s), "num"],
     [r.completed ? "yes" : "no"],
   ]);
 }
@@ -78,6 +144,10 @@ async function refresh() {
   }
 }
 
+function mediaType(type) {
+  return type.replace(/^application\/vnd\./, "");
+}
+
 function showMeasure(result) {
   const status = document.getElementById("measure-status");
   const total = result.total;
@@ -89,27 +159,27 @@ function showMeasure(result) {
     return;
   }
   fill("measure-items", result.items, (i) => [
-    [i.digest],
-    [i.media_type],
-    [i.size < 0 ? "" : i.size, "num"],
-    [i.peer],
-    [i.lookup_ms, "num"],
-    [i.fetch_s, "num"],
-    [i.mb_per_s, "num"],
-    [[i.error, ...i.tried].filter(Boolean).join("; ")],
+    [i.digest, "hash"],
+    [mediaType(i.media_type), "text"],
+    [i.size, "size"],
+    [i.peer, "addr"],
+    [fixed(i.lookup_ms, 1), "num"],
+    [fixed(i.fetch_s, 3), "num"],
+    [speed(i.mb_per_s), "num"],
+    [[i.error, ...i.tried].filter(Boolean).join("; "), "text"],
   ]);
   document.querySelectorAll("#measure-items tbody tr").forEach((row, index) => {
     if (result.items[index].error) row.classList.add("failed");
   });
   const foot = document.getElementById("measure-total");
   foot.replaceChildren();
-  cell(foot, `total: ${total.items} items, ${total.failed} failed`);
+  cell(foot, `${total.items} items, ${total.failed} failed`, "text");
   cell(foot, "");
-  cell(foot, total.bytes, "num");
-  cell(foot, `elapsed ${total.elapsed_s} s`);
+  cell(foot, total.bytes, "size");
+  cell(foot, `elapsed ${fixed(total.elapsed_s, 3)} s`);
   cell(foot, "");
-  cell(foot, total.fetch_s, "num");
-  cell(foot, total.mb_per_s, "num");
+  cell(foot, fixed(total.fetch_s, 3), "num");
+  cell(foot, speed(total.mb_per_s), "num");
   cell(foot, "");
   table.hidden = false;
 }

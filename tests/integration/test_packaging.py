@@ -1,5 +1,6 @@
 """What `pip install .` gives an operator, checked from outside the source tree."""
 
+import json
 import os
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def test_twistd_refuses_a_bad_config_with_one_line(tmp_path):
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "spegel-tx: invalid configuration: registry-addr: 5000 is not a string"
+        "spegel-tx: registry-addr: 5000 is not an address: write host:port or :port, in quotes"
     ]
 
 
@@ -84,3 +85,32 @@ def test_the_installed_package_serves_the_debug_page(tmp_path):
                 assert response.status == 200 and response.read(), name
     finally:
         stop_process(process)
+
+
+def test_the_console_script_runs_the_node_as_spegels_registry_subcommand(tmp_path):
+    """What a Spegel DaemonSet's container runs with this image: `spegel-tx registry ...`."""
+    host = "127.0.0.1"
+    registry, router, metrics = free_ports(host, 3)
+    log = tmp_path / "registry.log"
+    process = start_process(
+        [
+            "spegel-tx",
+            "registry",
+            f"--registry-addr={host}:{registry}",
+            f"--router-addr={host}:{router}",
+            f"--metrics-addr={host}:{metrics}",
+            f"--containerd-sock={tmp_path / 'no-containerd.sock'}",
+            "--mirrored-registries",
+            "https://docker.io",
+            "https://ghcr.io",
+        ],
+        log,
+        cwd=tmp_path,
+        env=outside_tree_environment(),
+    )
+    try:
+        wait_for_http(f"http://{host}:{registry}/livez", process, log, 30)
+    finally:
+        stop_process(process)
+    first = json.loads(log.read_text().splitlines()[0])
+    assert first["msg"].startswith(f"spegel-tx {spegel_tx.__version__}: registry {host}:")

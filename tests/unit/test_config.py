@@ -129,11 +129,31 @@ def test_router_secret_from_environment_or_file(tmp_path):
     secret_file.write_text("0123456789abcdef-cluster\n")
     config = load_config(write(tmp_path, f"router-secret-file: {secret_file}\n"), environ={})
     assert router_secret(config, environ={}) == b"0123456789abcdef-cluster"
-    assert router_secret(config, environ={"ROUTER_SECRET": "from-env"}) == b"from-env"
+    from_env = {"ROUTER_SECRET": " from-the-environment\n"}
+    assert router_secret(config, environ=from_env) == b"from-the-environment"
     assert router_secret(Config(), environ={}) is None
-    secret_file.write_text("short")
-    with pytest.raises(ConfigError, match=r"^router-secret-file: .*16 bytes"):
+
+
+def test_a_secret_shorter_than_16_bytes_is_refused_from_file_or_environment(tmp_path):
+    from spegel_tx.config import router_secret
+
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("short\n")
+    config = load_config(write(tmp_path, f"router-secret-file: {secret_file}\n"), environ={})
+    with pytest.raises(ConfigError) as caught:
         router_secret(config, environ={})
+    assert str(caught.value) == (
+        f"router-secret-file: {secret_file} holds 5 bytes, a cluster secret needs 16 or more: "
+        f"put the same longer one on every node (`head -c 32 /dev/urandom | base64 > "
+        f"{secret_file}`)"
+    )
+    with pytest.raises(ConfigError) as caught:
+        router_secret(Config(), environ={"ROUTER_SECRET": "15-bytes-secret"})
+    assert str(caught.value) == (
+        "ROUTER_SECRET: holds 15 bytes, a cluster secret needs 16 or more: give every node "
+        "the same longer one (`head -c 32 /dev/urandom | base64` makes one)"
+    )
+    assert router_secret(Config(), environ={"ROUTER_SECRET": "16-bytes-secret!"})
 
 
 def test_republishing_must_come_before_records_expire(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import capturedLogs
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
@@ -293,13 +293,26 @@ def test_retries_with_capped_backoff_while_containerd_is_down(client: FakeClient
             delays.append(call.getTime() - reactor.seconds())
             reactor.advance(delays[-1])
     assert delays == [0.5, 1.0, 2.0, 4.0, 4.0]
-    warnings = [e for e in events if "not reachable" in e.get("log_format", "")]
-    assert len(warnings) == 6, "the first try and five retries"
-    assert warnings[0]["address"] == "/run/fake.sock"
-    assert warnings[0]["delay"] == 0.5
+    tries = [e for e in events if "not reachable" in e.get("log_format", "")]
+    assert len(tries) == 6, "the first try and five retries"
+    assert [e["log_level"] for e in tries] == [LogLevel.warn] + [LogLevel.debug] * 5, (
+        "one warning per outage"
+    )
+    assert tries[0]["address"] == "/run/fake.sock"
+    assert tries[0]["delay"] == 0.5
+    assert formatEvent(tries[0]).endswith("Check containerd-sock, or run `spegel-tx doctor`.")
     client.down = False
-    reactor.advance(4.0)
+    with capturedLogs() as events:
+        reactor.advance(4.0)
     assert store.ready()
+    said = [formatEvent(e).split(" at ")[0] for e in events if e["log_level"] != LogLevel.debug]
+    assert said == ["containerd 1.6.20 answering"]
+    client.down = True
+    with capturedLogs() as events:
+        store.images().addErrback(lambda _: None)
+        reactor.advance(0.5)
+    said = [formatEvent(e).split(" (")[0] for e in events if e["log_level"] != LogLevel.debug]
+    assert said == ["containerd at /run/fake.sock stopped answering"], "a new outage, once"
     store.stopService()
     assert reactor.getDelayedCalls() == []
 
@@ -534,6 +547,8 @@ def test_events_reach_handlers_until_unsubscribed(client: FakeClient) -> None:
     assert failing == seen, "a failing handler does not stop the others"
     assert any(e.get("log_failure") for e in logs)
     assert store.subscriptions == 1
+    [ended] = [e for e in logs if "event stream ended" in e.get("log_format", "")]
+    assert ended["log_level"] == LogLevel.warn, "a stream that delivered events broke: news"
     store._reactor.advance(0.5)
     assert store.subscriptions == 2
     assert seen[1:] == [
@@ -561,6 +576,9 @@ def test_resubscribes_with_backoff_and_stops_cleanly(client: FakeClient) -> None
             reactor.advance(2.0)
     ended = [e for e in logs if "event stream ended" in e.get("log_format", "")]
     assert [e["delay"] for e in ended[:4]] == [0.5, 1.0, 2.0, 2.0]
+    assert {e["log_level"] for e in ended} == {LogLevel.debug}, (
+        "a stream that never worked is no news: the store warns once that containerd is down"
+    )
     client.down = False
     reactor.advance(2.0)
     assert store.subscriptions == 1

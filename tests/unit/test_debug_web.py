@@ -27,6 +27,7 @@ from spegel_tx.debugweb import DebugWeb, mirrored_rows, speed
 from spegel_tx.interfaces import ILookup, IRouter
 from spegel_tx.nodemetrics import MirroredRequest, NodeMetrics
 from spegel_tx.oci.manifest import platform_manifest
+from spegel_tx.readiness import NO_PEER, Readiness
 from spegel_tx.registry.app import MAX_MANIFEST_SIZE, Registry
 from spegel_tx.registry.mirror import MirrorSettings
 from spegel_tx.routing.kademlia.messages import Contact
@@ -43,7 +44,7 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
-ADDRESSES = {"registry": "10.0.0.1:5000", "router": "10.0.0.1:5001", "metrics": "10.0.0.1:9090"}
+FACTS = {"registry": "10.0.0.1:5000", "router": "10.0.0.1:5001 (UDP)", "metrics": "10.0.0.1:9090"}
 
 
 def digest_of(data: bytes) -> str:
@@ -125,6 +126,7 @@ class Node:
         self.store = MemoryStore(BLOBS, {NAME: digest_of(INDEX)})
         self.tracker = StateTracker(self.clock, self.store, self.router)
         self.metrics = NodeMetrics(self.clock)
+        self.readiness = Readiness(self.store, self.router)
         self.web = DebugWeb(
             self.clock,
             self.router,
@@ -133,10 +135,11 @@ class Node:
             self.metrics,
             self.peers,
             MirrorSettings(),
-            ADDRESSES,
+            self.readiness,
+            FACTS,
         )
         kademlia = KademliaRouter(self.clock, self.protocol, FixedBootstrapper([]), 5001)
-        pages = DebugPages(self.clock, kademlia, self.web.resource())
+        pages = DebugPages(self.clock, kademlia, self.readiness, self.web.resource())
         self.client = StubTreq(metrics_root(self.metrics, pages))
 
     def run(self, d: Deferred[Any]) -> Any:
@@ -238,8 +241,9 @@ def test_the_node_page_shows_identity_peers_images_and_what_peers_served() -> No
     assert response.code == 200
     page = json.loads(body)
     assert page["node_id"] == "01" * 32
-    assert page["ready"] is False, "the memory table has no other member"
-    assert page["addresses"] == ADDRESSES
+    assert page["ready"] is False
+    assert page["not_ready_because"] == [NO_PEER], "the memory table has no other member"
+    assert page["facts"] == FACTS
     assert page["peers"] == [{"node_id": "02" * 32, "host": "10.0.0.2", "port": 5001}]
     assert page["images"] == [{"name": NAME, "digest": digest_of(INDEX)}]
     assert page["advertised_keys"] == 1 + len(BLOBS), "the tag and every digest under it"
@@ -271,7 +275,8 @@ def test_without_debug_web_enabled_the_page_is_not_there() -> None:
     clock = Clock()
     protocol = KademliaProtocol(clock, b"\x01" * 32, registry_port=5000)
     router = KademliaRouter(clock, protocol, FixedBootstrapper([]), 5001)
-    client = StubTreq(metrics_root(NodeMetrics(clock), DebugPages(clock, router)))
+    readiness = Readiness(MemoryStore(), router)
+    client = StubTreq(metrics_root(NodeMetrics(clock), DebugPages(clock, router, readiness)))
     for path in ("/debug/web/", "/debug/web/api/node", "/debug/web/app.js"):
         response = client.get(f"http://node{path}")
         client.flush()

@@ -403,7 +403,8 @@ def test_spegels_helm_chart_arguments_are_accepted(tmp_path, capsys):
         "--log-level=INFO",
         "--mirrored-registries",
         "https://docker.io",
-        "https://ghcr.io,https://quay.io",
+        "https://ghcr.io",
+        "--mirrored-registries=https://quay.io",
         "--mirror-targets",
         "http://10.0.0.7:30020",
         MIRROR,
@@ -416,6 +417,17 @@ def test_spegels_helm_chart_arguments_are_accepted(tmp_path, capsys):
     assert list(hosts["quay.io"]["host"]) == ["http://10.0.0.7:30020", MIRROR]
     assert hosts["quay.io"]["host"][MIRROR]["capabilities"] == ["pull"]
     assert capsys.readouterr().out.count("wrote ") == 3
+
+
+def test_two_urls_in_one_flag_value_are_refused_as_spegel_reads_them(tmp_path, capsys):
+    """A flag value is one item, as in Spegel (and as the daemon's flags); the environment
+    variable is the comma-separated form."""
+    joined = "https://ghcr.io,https://quay.io"
+    assert run_cli(tmp_path, "--mirrored-registries", joined, "--mirror-targets", MIRROR) == 2
+    assert capsys.readouterr().err == (
+        f"spegel-tx configuration: error: --mirrored-registries: '{joined}' is more than one "
+        "URL: give each as its own value\n"
+    )
 
 
 @pytest.mark.parametrize(

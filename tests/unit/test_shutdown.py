@@ -12,7 +12,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from spegel_tx.registry.access import RegistryChannel, RegistrySite
-from spegel_tx.shutdown import Node
+from spegel_tx.shutdown import GracefulNode
 
 
 class Held(Resource):
@@ -57,7 +57,7 @@ class Cluster:
         self.resource = Held()
         self.site = RegistrySite(self.resource)
         self.stopped: list[str] = []
-        self.node = Node(self.reactor, grace)
+        self.node = GracefulNode(self.reactor, grace)
         services = {
             name: Recorded(name, self.stopped) for name in ("store", "tracker", "router", "tcp")
         }
@@ -141,12 +141,14 @@ def test_with_nothing_open_the_node_stops_at_once() -> None:
 def test_readyz_answers_503_while_the_node_stops() -> None:
     from treq.testing import StubTreq
 
+    from spegel_tx.readiness import Readiness
     from spegel_tx.registry.app import Registry
     from spegel_tx.testing import MemoryStore
 
     stopping = [False]
-    registry = Registry(MemoryReactorClock(), MemoryStore(), stopping=lambda: stopping[0])
-    client = StubTreq(registry.resource())
+    store = MemoryStore()
+    readiness = Readiness(store, None, lambda: stopping[0])
+    client = StubTreq(Registry(MemoryReactorClock(), store, readiness=readiness).resource())
 
     def readyz() -> tuple[int, bytes]:
         response = client.get("http://node/readyz")
