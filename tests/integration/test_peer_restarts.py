@@ -118,7 +118,7 @@ def configure_mirrors(node: SpegelNode, cluster: MirrorCluster, targets: list[st
         "--mirrored-registries",
         cluster.upstream_url,
         "--mirror-targets",
-        ",".join(targets),
+        *targets,
     )
     assert result.returncode == 0, result.stderr
 
