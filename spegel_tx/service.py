@@ -58,7 +58,7 @@ def peer_client(config: Config, reactor: Any) -> HTTPClient:
 def make_service(config: Config, reactor: Any) -> Node:
     """Children stop in reverse order: the router withdraws while its UDP port still listens."""
     node = Node(reactor, config.shutdown_grace_period)
-    metrics = NodeMetrics(reactor)
+    metrics = NodeMetrics(reactor, config.mirrored_registries)
     store = ContainerdStore(
         reactor,
         address=config.containerd_sock,
