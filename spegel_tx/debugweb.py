@@ -131,7 +131,7 @@ class DebugWeb:
 
     def node_page(self) -> dict[str, Any]:
         now = self._clock.seconds()
-        last_success = self._metrics.mirror_last_success.value()
+        last_success = self._metrics.last_mirror_success
         return {
             "node_id": self._protocol.node_id.hex(),
             **readiness_fields(self._readiness),

@@ -52,6 +52,18 @@ IMAGES_TABLES = {
     2: ("io.containerd.grpc.v1.cri", "containerd"),
     3: ("io.containerd.cri.v1.images",),
 }
+PULL_TABLES = {
+    1: ("cri",),
+    2: ("io.containerd.grpc.v1.cri",),
+    3: ("io.containerd.cri.v1.images",),
+}
+"""Where ``max_concurrent_downloads`` and ``image_pull_with_sync_fs`` live."""
+LOCAL_PULL_TABLES = dict.fromkeys((1, 2, 3), ("io.containerd.cri.v1.images",))
+"""``use_local_image_pull`` exists only in containerd 2.x's images plugin; 2.x keeps that
+section when it migrates an older file's CRI settings into it."""
+TRANSFER_SERVICE_SINCE = (2, 1)
+"""From containerd 2.1 the CRI plugin pulls through the transfer service, which reads
+``config_path`` as one directory where the local pull reads a list (containerd#12415)."""
 DOCTOR_ID = hashlib.sha256(b"spegel-tx doctor").digest()
 """The node id the doctor pings with. A ping makes its sender a contact of the node until the
 node's next search finds it silent; a fixed id lets the peers check leave doctors out, so a
@@ -226,14 +238,81 @@ def check_config_path(
         if not new_default or (mirrors is not None and mirrors.value):
             return fail(f"config_path is not set in {_where(files)}: {fix}")
         setting = Setting(DEFAULT_CONFIG_PATH_2_2, "containerd's default", table)
+    listed = ""
+    if os.pathsep in setting.value and pulls_through_transfer_service(files, running):
+        reason = local_pull_reason(files, whole)
+        if reason is None:
+            return fail(_transfer_service_problem(files, setting, hosts_dir, running, whole))
+        listed = f", read as a list: {reason} makes containerd pull without its transfer service"
     roots = [os.path.normpath(root) for root in setting.value.split(os.pathsep) if root]
     if os.path.normpath(hosts_dir) in roots:
-        return ok(f'config_path = "{setting.value}" ({setting.path})')
+        return ok(f'config_path = "{setting.value}" ({setting.path}){listed}')
     return fail(
         f'config_path = "{setting.value}" ({setting.path}), but the hosts.toml files are in '
         f"{hosts_dir}: {fix}, or write them with spegel-tx configuration "
         f"--containerd-registry-config-path {roots[0] if roots else setting.value}"
     )
+
+
+def pulls_through_transfer_service(
+    files: Sequence[ConfigFile], running: tuple[int, int] | None
+) -> bool:
+    """Whether this containerd is one whose CRI plugin can pull through the transfer service.
+    Without a running containerd to ask, a version 3 config means 2.x."""
+    if running is None:
+        return config_version(files) >= 3
+    return running >= TRANSFER_SERVICE_SINCE
+
+
+def local_pull_reason(files: Sequence[ConfigFile], whole: bool) -> str | None:
+    """The setting that makes containerd 2.1+ pull with its local client, which reads
+    ``config_path`` as a list; None when it pulls through the transfer service.
+
+    containerd checks these at start-up, in this order: ``use_local_image_pull``, then the
+    settings the transfer service does not support. ``discard_unpacked_layers = true`` is
+    one of them, but it is left out here: this node needs it off.
+    """
+    rules: list[tuple[Mapping[int, tuple[str, ...]], str, Any]] = [
+        (LOCAL_PULL_TABLES, "use_local_image_pull", lambda v: v is True),
+        (IMAGES_TABLES, "disable_snapshot_annotations", lambda v: v is False),
+        (REGISTRY_TABLES, "mirrors", bool),
+        (REGISTRY_TABLES, "configs", bool),
+        (REGISTRY_TABLES, "auths", bool),
+        (PULL_TABLES, "max_concurrent_downloads", lambda v: v != 3),
+        (PULL_TABLES, "image_pull_with_sync_fs", lambda v: v is True),
+    ]
+    for tables, key, forces_local in rules:
+        setting = find_setting(files, tables, key, whole)
+        if setting is None or not forces_local(setting.value):
+            continue
+        if isinstance(setting.value, dict):
+            return f"registry.{key} in {setting.path}"
+        return f"{key} = {json.dumps(setting.value)} in {setting.path}"
+    return None
+
+
+def _transfer_service_problem(
+    files: Sequence[ConfigFile],
+    setting: Setting,
+    hosts_dir: str,
+    running: tuple[int, int] | None,
+    whole: bool,
+) -> str:
+    which = f"containerd {running[0]}.{running[1]}" if running else "containerd 2.1 and later"
+    text = (
+        f'config_path = "{setting.value}" ({setting.path}) lists several directories, but '
+        f"{which} pulls through its transfer service, which reads config_path as one "
+        "directory: no hosts.toml is read and no pull uses the mirror. Either set "
+        f'config_path = "{hosts_dir}" under {setting.table}, or set use_local_image_pull = '
+        f"true under {table_name(LOCAL_PULL_TABLES, 3)}; then restart containerd"
+    )
+    discard = find_setting(files, IMAGES_TABLES, "discard_unpacked_layers", whole)
+    if discard is not None and discard.value is True:
+        text += (
+            f" (today discard_unpacked_layers = true in {discard.path} makes containerd pull "
+            "without the transfer service, but this node needs it off to have layers to serve)"
+        )
+    return text
 
 
 def check_discard(

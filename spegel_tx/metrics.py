@@ -1,203 +1,140 @@
-"""Prometheus metrics in the text exposition format, written by hand.
+"""Prometheus exposition through ``prometheus_client``, and what it does not do for us.
 
-No Prometheus client library is among the node's packages, and the format is
-small. Names and labels of the metrics Spegel has are Spegel's, so its
-dashboards and alerts keep working; ours are prefixed ``spegel_tx_``.
+The library keeps counters, gauges and histograms and writes both text formats. Two
+things are ours: counts that another part already keeps, read when Prometheus scrapes
+(:class:`ReadAtScrape`), and a bound on the values a ``registry`` label can take, since
+the value comes from a request's ``ns`` parameter and anyone reaching the node picks it
+(:class:`RegistryLabels`).
 """
 
 from __future__ import annotations
 
-import math
+import gzip
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Protocol, TypeVar
 
+from prometheus_client import disable_created_metrics
+from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+# Spegel (Go's client) exports no ``_created`` series; without this every counter and
+# histogram series would bring a second one.
+disable_created_metrics()
 
 Labels = tuple[str, ...]
 """Label values, in the order of the metric's label names."""
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-"""Seconds; Prometheus's default buckets, as Spegel uses them."""
+"""Seconds: Go's default buckets, as Spegel uses them (prometheus_client's default adds
+0.075, 0.75 and 7.5, which would change the ``le`` values dashboards see)."""
 
 SIZE_BUCKETS = tuple(1024.0 * 5**n for n in range(10))
 """Bytes from 1 KiB to about 2 GB, Spegel's buckets for response sizes."""
 
+OTHER_REGISTRY = "other"
+"""The ``registry`` label of every registry not given a label of its own."""
 
-class Metric(Protocol):
-    name: str
-    help: str
-    kind: str
-
-    def samples(self) -> Iterable[tuple[str, Mapping[str, str], float]]:
-        """``(name suffix, labels, value)`` for every series, read at scrape time."""
-        ...
+REGISTRY_LABEL_LIMIT = 50
+"""Distinct ``registry`` values kept when every registry is mirrored."""
 
 
-class _Labelled:
-    def __init__(self, name: str, help: str, label_names: Sequence[str]) -> None:
-        self.name = name
-        self.help = help
-        self.label_names = tuple(label_names)
+class RegistryLabels:
+    """The ``registry`` label for a registry name, from a bounded set of values.
 
-    def _check(self, labels: Labels) -> Labels:
-        if len(labels) != len(self.label_names):
-            raise ValueError(f"{self.name} takes labels {self.label_names}, got {labels}")
-        return labels
+    With ``mirrored-registries`` set, those registries keep their names and every other
+    value is ``other``. With none set (all registries are mirrored), the first ``limit``
+    names seen keep theirs and later ones are ``other``, so a client sending a new
+    ``ns`` with each request cannot grow the node's memory or Prometheus's series.
+    """
 
-    def _pairs(self, labels: Labels) -> dict[str, str]:
-        return dict(zip(self.label_names, labels, strict=True))
+    def __init__(self, mirrored: Iterable[str] = (), limit: int = REGISTRY_LABEL_LIMIT) -> None:
+        self._mirrored = frozenset(mirrored)
+        self._seen: set[str] = set()
+        self._limit = limit
 
+    def __call__(self, registry: str) -> str:
+        if self._mirrored:
+            return registry if registry in self._mirrored else OTHER_REGISTRY
+        if registry in self._seen:
+            return registry
+        if len(self._seen) < self._limit:
+            self._seen.add(registry)
+            return registry
+        return OTHER_REGISTRY
 
-class Counter(_Labelled):
-    kind = "counter"
-
-    def __init__(self, name: str, help: str, label_names: Sequence[str] = ()) -> None:
-        super().__init__(name, help, label_names)
-        self._values: dict[Labels, float] = {} if label_names else {(): 0.0}
-
-    def inc(self, *labels: str, amount: float = 1.0) -> None:
-        key = self._check(labels)
-        self._values[key] = self._values.get(key, 0.0) + amount
-
-    def value(self, *labels: str) -> float:
-        return self._values.get(labels, 0.0)
-
-    def samples(self) -> Iterator[tuple[str, Mapping[str, str], float]]:
-        for labels, value in sorted(self._values.items()):
-            yield "", self._pairs(labels), value
-
-
-class Gauge(Counter):
-    kind = "gauge"
-
-    def set(self, value: float, *labels: str) -> None:
-        self._values[self._check(labels)] = value
+    def merge(self, counts: Mapping[str, float]) -> dict[Labels, float]:
+        """Counts by registry name, summed under their labels."""
+        merged: dict[Labels, float] = {}
+        for registry, value in counts.items():
+            key = (self(registry),)
+            merged[key] = merged.get(key, 0.0) + value
+        return merged
 
 
-class Histogram(_Labelled):
-    kind = "histogram"
-
-    def __init__(
-        self,
-        name: str,
-        help: str,
-        label_names: Sequence[str] = (),
-        buckets: Sequence[float] = DURATION_BUCKETS,
-    ) -> None:
-        super().__init__(name, help, label_names)
-        self.buckets = tuple(sorted(buckets))
-        self._series: dict[Labels, tuple[list[int], list[float]]] = {}
-
-    def observe(self, value: float, *labels: str) -> None:
-        counts, total = self._series.setdefault(
-            self._check(labels), ([0] * (len(self.buckets) + 1), [0.0])
-        )
-        for index, bound in enumerate(self.buckets):
-            if value <= bound:
-                counts[index] += 1
-                break
-        else:
-            counts[-1] += 1
-        total[0] += value
-
-    def samples(self) -> Iterator[tuple[str, Mapping[str, str], float]]:
-        for labels, (counts, total) in sorted(self._series.items()):
-            pairs = self._pairs(labels)
-            cumulative = 0
-            for bound, count in zip((*self.buckets, math.inf), counts, strict=True):
-                cumulative += count
-                yield "_bucket", {**pairs, "le": _number(bound)}, cumulative
-            yield "_sum", pairs, total[0]
-            yield "_count", pairs, cumulative
-
-
-class Collected(_Labelled):
+class ReadAtScrape(Collector):
     """A counter or gauge read from the object that already keeps it, when scraped:
     the DHT's datagram counts, the routing table's size, what is advertised."""
 
     def __init__(
         self,
-        kind: str,
+        family: type[CounterMetricFamily] | type[GaugeMetricFamily],
         name: str,
-        help: str,
+        documentation: str,
         label_names: Sequence[str],
         read: Callable[[], Mapping[Labels, float]],
     ) -> None:
-        super().__init__(name, help, label_names)
-        self.kind = kind
+        self._family = family
+        self._name = name
+        self._documentation = documentation
+        self._label_names = list(label_names)
         self._read = read
 
-    def samples(self) -> Iterator[tuple[str, Mapping[str, str], float]]:
+    def _empty(self) -> CounterMetricFamily | GaugeMetricFamily:
+        return self._family(self._name, self._documentation, labels=self._label_names)
+
+    def describe(self) -> Iterator[Metric]:
+        """Names only, so registering does not read the counts."""
+        yield self._empty()
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._empty()
         for labels, value in sorted(self._read().items()):
-            yield "", self._pairs(self._check(labels)), value
-
-
-M = TypeVar("M", bound=Metric)
-
-
-class MetricsRegistry:
-    def __init__(self) -> None:
-        self._metrics: dict[str, Metric] = {}
-
-    def register(self, metric: M) -> M:
-        if metric.name in self._metrics:
-            raise ValueError(f"{metric.name} is already registered")
-        self._metrics[metric.name] = metric
-        return metric
-
-    def render(self) -> bytes:
-        lines = []
-        for metric in self._metrics.values():
-            lines.append(f"# HELP {metric.name} {_escape_help(metric.help)}")
-            lines.append(f"# TYPE {metric.name} {metric.kind}")
-            for suffix, labels, value in metric.samples():
-                lines.append(f"{metric.name}{suffix}{_labels(labels)} {_number(value)}")
-        return ("\n".join(lines) + "\n").encode()
+            family.add_metric(list(labels), value)
+        yield family
 
 
 class MetricsResource(Resource):
-    """``GET /metrics`` for Prometheus."""
+    """``GET /metrics``: what prometheus_client's own web handlers answer (the text
+    format, or OpenMetrics when asked; gzip when accepted), rendered on the reactor.
+
+    ``prometheus_client.twisted.MetricsResource`` renders in a thread of the global
+    reactor's pool; the counts :class:`ReadAtScrape` reads belong to the reactor thread.
+    """
 
     isLeaf = True
 
-    def __init__(self, registry: MetricsRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry) -> None:
         super().__init__()
         self._registry = registry
 
     def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", CONTENT_TYPE)
-        return self._registry.render()
+        encode, content_type = choose_encoder(_header(request, b"accept"))
+        body = encode(self._registry)
+        request.setHeader(b"content-type", content_type.encode())
+        if gzip_accepted(_header(request, b"accept-encoding")):
+            request.setHeader(b"content-encoding", b"gzip")
+            return gzip.compress(body)
+        return body
 
 
-def _labels(labels: Mapping[str, str]) -> str:
-    if not labels:
-        return ""
-    pairs = ",".join(f'{name}="{_escape_value(value)}"' for name, value in labels.items())
-    return "{" + pairs + "}"
+def _header(request: Request, name: bytes) -> str:
+    value = request.getHeader(name)
+    return value.decode("latin-1") if value is not None else ""
 
 
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _escape_value(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _number(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if value == int(value) and abs(value) < 2**53:
-        return str(int(value))
-    return repr(float(value))
-
-
-def by_key(counts: Mapping[Any, float], keys: Iterable[str]) -> dict[Labels, float]:
+def by_key(counts: Mapping[str, float], keys: Iterable[str]) -> dict[Labels, float]:
     """One series per name in ``keys``, zero where ``counts`` has none, so a series
     exists from the start and ``rate()`` sees its first increase."""
     return {(key,): float(counts.get(key, 0)) for key in keys}

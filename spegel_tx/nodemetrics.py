@@ -8,17 +8,27 @@ from __future__ import annotations
 
 from collections import Counter as CountOf
 from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from spegel_tx.metrics import (
-    SIZE_BUCKETS,
-    Collected,
+from prometheus_client import (
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import CollectorRegistry
+
+from spegel_tx.metrics import (
+    DURATION_BUCKETS,
+    SIZE_BUCKETS,
     Labels,
-    MetricsRegistry,
+    ReadAtScrape,
+    RegistryLabels,
     by_key,
 )
 
@@ -53,74 +63,77 @@ class MirroredRequest:
 
 
 class NodeMetrics:
-    def __init__(self, clock: Any) -> None:
+    """One node's metrics, in a registry of its own (not the library's global one), with
+    the process's memory, open files and CPU time as the library reads them."""
+
+    def __init__(self, clock: Any, mirrored_registries: Iterable[str] = ()) -> None:
         self._clock = clock
-        self.registry = MetricsRegistry()
-        add = self.registry.register
-        self.mirror_requests = add(
-            Counter(
-                "spegel_mirror_requests_total",
-                "Requests not held here and forwarded to peers: cache=hit when a peer "
-                "served them, miss when none could.",
-                ("registry", "cache"),
-            )
-        )
-        self.mirror_last_success = add(
-            Gauge(
-                "spegel_mirror_last_success_timestamp_seconds",
-                "Unix time of the last request a peer served.",
-            )
-        )
-        self.resolve_duration = add(
-            Histogram(
-                "spegel_resolve_duration_seconds",
-                "Seconds from the start of a DHT lookup to each provider it found.",
-                ("router",),
-            )
-        )
-        self.http_duration = add(
-            Histogram(
-                "http_request_duration_seconds",
-                "Seconds from a registry request's arrival to its end.",
-                ("handler", "method", "code"),
-            )
-        )
-        self.http_size = add(
-            Histogram(
-                "http_response_size_bytes",
-                "Bytes sent in a registry response's body.",
-                ("handler", "method", "code"),
-                SIZE_BUCKETS,
-            )
-        )
-        self.http_inflight = add(
-            Gauge(
-                "http_requests_inflight",
-                "Registry requests being answered now.",
-                ("handler",),
-            )
-        )
-        self.served_bytes = add(
-            Counter(
-                "spegel_tx_served_bytes_total",
-                "Body bytes served to clients: source=local from this node's containerd, "
-                "peer relayed from another node.",
-                ("source",),
-            )
-        )
-        self.upstream_fallbacks = add(
-            Counter(
-                "spegel_tx_upstream_fallbacks_total",
-                "Content requests answered 404, which sends containerd to the real registry.",
-                ("registry",),
-            )
-        )
+        self.registry = CollectorRegistry()
+        self.registry_label = RegistryLabels(mirrored_registries)
+        self.last_mirror_success = 0.0
+        """Unix time of the last request a peer served; 0 before the first."""
         self.recent_mirrored: deque[MirroredRequest] = deque(maxlen=RECENT_MIRRORED)
+        into = self.registry
+        ProcessCollector(registry=into)
+        PlatformCollector(registry=into)
+        GCCollector(registry=into)
+        self.mirror_requests = Counter(
+            "spegel_mirror_requests_total",
+            "Requests not held here and forwarded to peers: cache=hit when a peer "
+            "served them, miss when none could.",
+            ("registry", "cache"),
+            registry=into,
+        )
+        Gauge(
+            "spegel_mirror_last_success_timestamp_seconds",
+            "Unix time of the last request a peer served.",
+            registry=into,
+        ).set_function(lambda: self.last_mirror_success)
+        self.resolve_duration = Histogram(
+            "spegel_resolve_duration_seconds",
+            "Seconds from the start of a DHT lookup to each provider it found.",
+            ("router",),
+            registry=into,
+            buckets=DURATION_BUCKETS,
+        )
+        self.http_duration = Histogram(
+            "http_request_duration_seconds",
+            "Seconds from a registry request's arrival to its end.",
+            ("handler", "method", "code"),
+            registry=into,
+            buckets=DURATION_BUCKETS,
+        )
+        self.http_size = Histogram(
+            "http_response_size_bytes",
+            "Bytes sent in a registry response's body.",
+            ("handler", "method", "code"),
+            registry=into,
+            buckets=SIZE_BUCKETS,
+        )
+        self.http_inflight = Gauge(
+            "http_requests_inflight",
+            "Registry requests being answered now.",
+            ("handler",),
+            registry=into,
+        )
+        self.served_bytes = Counter(
+            "spegel_tx_served_bytes_total",
+            "Body bytes served to clients: source=local from this node's containerd, "
+            "peer relayed from another node.",
+            ("source",),
+            registry=into,
+        )
+        self.upstream_fallbacks = Counter(
+            "spegel_tx_upstream_fallbacks_total",
+            "Content requests answered 404, which sends containerd to the real registry.",
+            ("registry",),
+            registry=into,
+        )
 
     # The registry's requests
 
     def request_started(self, path: bytes) -> None:
-        self.http_inflight.inc(_handler(path))
+        self.http_inflight.labels(_handler(path)).inc()
 
     def request_finished(
         self,
@@ -136,13 +149,13 @@ class NodeMetrics:
     ) -> None:
         """``served_by`` is the access log's ``handler``: ``local``, ``mirror`` or ``-``."""
         handler = _handler(path)
-        self.http_inflight.inc(handler, amount=-1)
-        self.http_duration.observe(seconds, handler, method, str(code))
-        self.http_size.observe(sent, handler, method, str(code))
+        self.http_inflight.labels(handler).dec()
+        self.http_duration.labels(handler, method, str(code)).observe(seconds)
+        self.http_size.labels(handler, method, str(code)).observe(sent)
         if served_by == "local":
-            self.served_bytes.inc("local", amount=sent)
+            self.served_bytes.labels("local").inc(sent)
         elif served_by == "mirror":
-            self.served_bytes.inc("peer", amount=sent)
+            self.served_bytes.labels("peer").inc(sent)
             self.recent_mirrored.append(
                 MirroredRequest(
                     at=self._clock.seconds(),
@@ -156,142 +169,130 @@ class NodeMetrics:
                 )
             )
         if code == 404 and handler == "/v2/*":
-            self.upstream_fallbacks.inc(registry)
+            self.upstream_fallbacks.labels(self.registry_label(registry)).inc()
 
     def forwarded(self, registry: str, served: bool) -> None:
         """A request went to the mirror; ``served`` whether a peer answered it."""
-        self.mirror_requests.inc(registry, "hit" if served else "miss")
+        label = self.registry_label(registry)
+        self.mirror_requests.labels(label, "hit" if served else "miss").inc()
         if served:
-            self.mirror_last_success.set(self._clock.seconds())
+            self.last_mirror_success = self._clock.seconds()
 
     def resolved(self, seconds: float) -> None:
-        self.resolve_duration.observe(seconds, ROUTER_LABEL)
+        self.resolve_duration.labels(ROUTER_LABEL).observe(seconds)
 
     # Read from the parts that keep them
+
+    def _read(
+        self,
+        family: type[CounterMetricFamily] | type[GaugeMetricFamily],
+        name: str,
+        documentation: str,
+        label_names: tuple[str, ...],
+        read: Callable[[], Mapping[Labels, float]],
+    ) -> None:
+        self.registry.register(ReadAtScrape(family, name, documentation, label_names, read))
 
     def watch_dht(self, protocol: Any) -> None:
         """``protocol`` is the node's KademliaProtocol."""
         counters: CountOf[str] = protocol.counters
         directions = ("in", "out")
-        add = self.registry.register
-        add(
-            Collected(
-                "counter",
-                "spegel_tx_dht_datagrams_total",
-                "DHT datagrams received (in) and sent (out).",
-                ("direction",),
-                lambda: {(d,): counters[f"datagrams_{d}"] for d in directions},
-            )
+        self._read(
+            CounterMetricFamily,
+            "spegel_tx_dht_datagrams_total",
+            "DHT datagrams received (in) and sent (out).",
+            ("direction",),
+            lambda: {(d,): counters[f"datagrams_{d}"] for d in directions},
         )
-        add(
-            Collected(
-                "counter",
-                "spegel_tx_dht_bytes_total",
-                "DHT bytes received (in) and sent (out).",
-                ("direction",),
-                lambda: {(d,): counters[f"bytes_{d}"] for d in directions},
-            )
+        self._read(
+            CounterMetricFamily,
+            "spegel_tx_dht_bytes_total",
+            "DHT bytes received (in) and sent (out).",
+            ("direction",),
+            lambda: {(d,): counters[f"bytes_{d}"] for d in directions},
         )
-        add(
-            Collected(
-                "counter",
-                "spegel_tx_dht_dropped_datagrams_total",
-                "DHT datagrams dropped, by reason (auth, replay, stale, short, truncated, ...).",
-                ("reason",),
-                lambda: {
-                    (name.removeprefix("dropped_"),): value
-                    for name, value in counters.items()
-                    if name.startswith("dropped_")
-                },
-            )
+        self._read(
+            CounterMetricFamily,
+            "spegel_tx_dht_dropped_datagrams_total",
+            "DHT datagrams dropped, by reason (auth, replay, stale, short, truncated, ...).",
+            ("reason",),
+            lambda: {
+                (name.removeprefix("dropped_"),): value
+                for name, value in counters.items()
+                if name.startswith("dropped_")
+            },
         )
-        add(
-            Collected(
-                "counter",
-                "spegel_tx_dht_request_timeouts_total",
-                "DHT requests a peer did not answer in time.",
-                (),
-                lambda: {(): counters["timeouts"]},
-            )
+        self._read(
+            CounterMetricFamily,
+            "spegel_tx_dht_request_timeouts_total",
+            "DHT requests a peer did not answer in time.",
+            (),
+            lambda: {(): counters["timeouts"]},
         )
-        add(
-            Collected(
-                "gauge",
-                "spegel_tx_dht_routing_table_peers",
-                "Peers in this node's DHT routing table.",
-                (),
-                lambda: {(): len(protocol.table)},
-            )
+        self._read(
+            GaugeMetricFamily,
+            "spegel_tx_dht_routing_table_peers",
+            "Peers in this node's DHT routing table.",
+            (),
+            lambda: {(): len(protocol.table)},
         )
-        add(
-            Collected(
-                "gauge",
-                "spegel_tx_dht_records_stored",
-                "Provider records this node holds for others.",
-                (),
-                lambda: {(): sum(len(holders) for holders in protocol.records.values())},
-            )
+        self._read(
+            GaugeMetricFamily,
+            "spegel_tx_dht_records_stored",
+            "Provider records this node holds for others.",
+            (),
+            lambda: {(): sum(len(holders) for holders in protocol.records.values())},
         )
 
     def watch_mirror(self, mirror: Any) -> None:
         """``mirror`` is the node's Mirror."""
-        add = self.registry.register
-        add(
-            Collected(
-                "counter",
-                "spegel_tx_mirror_peer_events_total",
-                "Forwarding events: second providers hedged, bodies resumed, digest "
-                "mismatches, peers failed or without the content, quarantined peers skipped.",
-                ("event",),
-                lambda: by_key(mirror.counters, PEER_EVENTS),
-            )
+        self._read(
+            CounterMetricFamily,
+            "spegel_tx_mirror_peer_events_total",
+            "Forwarding events: second providers hedged, bodies resumed, digest "
+            "mismatches, peers failed or without the content, quarantined peers tried.",
+            ("event",),
+            lambda: by_key(mirror.counters, PEER_EVENTS),
         )
-        add(
-            Collected(
-                "gauge",
-                "spegel_tx_peers_quarantined",
-                "Peers skipped for now after refusing, timing out or sending bad content.",
-                (),
-                lambda: {(): len(mirror.health.quarantined_peers())},
-            )
+        self._read(
+            GaugeMetricFamily,
+            "spegel_tx_peers_quarantined",
+            "Peers skipped for now after refusing, timing out or sending bad content.",
+            (),
+            lambda: {(): len(mirror.health.quarantined_peers())},
         )
 
     def watch_state(self, tracker: Any) -> None:
         """``tracker`` is the node's StateTracker."""
-        add = self.registry.register
 
         def counts(index: int) -> dict[Labels, float]:
-            return {
-                (registry,): float(numbers[index])
-                for registry, numbers in tracker.advertised_by_registry().items()
-            }
+            return self.registry_label.merge(
+                {
+                    registry: float(numbers[index])
+                    for registry, numbers in tracker.advertised_by_registry().items()
+                }
+            )
 
-        add(
-            Collected(
-                "gauge",
-                "spegel_advertised_image_tags",
-                "Image tags advertised to be available.",
-                ("registry",),
-                lambda: counts(0),
-            )
+        self._read(
+            GaugeMetricFamily,
+            "spegel_advertised_image_tags",
+            "Image tags advertised to be available.",
+            ("registry",),
+            lambda: counts(0),
         )
-        add(
-            Collected(
-                "gauge",
-                "spegel_advertised_image_digests",
-                "Image digests (what a tag names) advertised to be available.",
-                ("registry",),
-                lambda: counts(1),
-            )
+        self._read(
+            GaugeMetricFamily,
+            "spegel_advertised_image_digests",
+            "Image digests (what a tag names) advertised to be available.",
+            ("registry",),
+            lambda: counts(1),
         )
-        add(
-            Collected(
-                "gauge",
-                "spegel_advertised_content_digests",
-                "Content digests (indexes, manifests, configs, layers) advertised.",
-                ("registry",),
-                lambda: counts(2),
-            )
+        self._read(
+            GaugeMetricFamily,
+            "spegel_advertised_content_digests",
+            "Content digests (indexes, manifests, configs, layers) advertised.",
+            ("registry",),
+            lambda: counts(2),
         )
 
 

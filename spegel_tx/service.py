@@ -156,7 +156,7 @@ def make_service(config: Config, reactor: Any, *, secret: bytes | None, node_id:
     ``secret`` and ``node_id`` were read and checked before (``tap.py``): nothing here fails.
     """
     node = Node(config, reactor)
-    metrics = NodeMetrics(reactor)
+    metrics = NodeMetrics(reactor, config.mirrored_registries)
     store = ContainerdStore(
         reactor,
         address=config.containerd_sock,

@@ -430,3 +430,48 @@ def test_chart_app_version_is_the_package_version():
     assert chart["appVersion"] == spegel_tx.__version__
     daemon = container(daemonset({})["spec"]["template"]["spec"], "spegel-tx")
     assert daemon["image"] == f"spegel-tx:{spegel_tx.__version__}"
+
+
+def data_volume(values: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The daemon's data volume and its mount, None where there is none."""
+    pod = daemonset(values)["spec"]["template"]["spec"]
+    volume = next((v for v in pod["volumes"] if v["name"] == "data"), None)
+    mounts = container(pod, "spegel-tx")["volumeMounts"]
+    return volume, next((m for m in mounts if m["name"] == "data"), None)
+
+
+def test_the_dht_identity_is_kept_on_the_node_across_rollouts(tmp_path):
+    """A hostPath outlives the pod, so a rolled-out pod reads the node-id file its
+    predecessor wrote; an emptyDir would give every new pod a new identity."""
+    volume, mount = data_volume({})
+    _, config = node_config({}, tmp_path)
+    assert volume == {
+        "name": "data",
+        "hostPath": {"path": "/var/lib/spegel-tx", "type": "DirectoryOrCreate"},
+    }
+    assert mount is not None and mount["mountPath"] == config.data_dir == "/var/lib/spegel-tx"
+    assert not mount.get("readOnly"), "the first pod on a node writes the identity"
+
+
+def test_spegels_persistence_values_carry_over(tmp_path):
+    spegel = {"spegel": {"persistence": {"path": "/var/lib/spegel", "hostPath": "/srv/spegel"}}}
+    volume, mount = data_volume(spegel)
+    _, config = node_config(spegel, tmp_path)
+    assert volume is not None and volume["hostPath"]["path"] == "/srv/spegel"
+    assert mount is not None and mount["mountPath"] == config.data_dir == "/var/lib/spegel"
+
+
+def test_an_empty_host_path_keeps_the_identity_only_for_the_pods_life(tmp_path):
+    values = {"spegel": {"persistence": {"hostPath": ""}}}
+    volume, _ = data_volume(values)
+    assert volume == {"name": "data", "emptyDir": {}}
+    assert node_config(values, tmp_path)[1].data_dir == "/var/lib/spegel-tx"
+    assert data_volume(CASES["minimal"]) == (None, None)
+
+
+def test_the_debug_page_is_on_by_default_as_in_spegel(tmp_path):
+    assert node_config({}, tmp_path)[1].debug_web_enabled is True
+    off = {"spegel": {"debugWebEnabled": False}}
+    assert node_config(off, tmp_path)[1].debug_web_enabled is False
+    values_text = (CHART / "values.yaml").read_text()
+    assert "It has no authentication" in values_text, "the security note stays beside it"

@@ -1,19 +1,19 @@
-"""Read a ``/metrics`` page as Prometheus would, and sum series as PromQL's ``sum`` does."""
+"""Read a ``/metrics`` page with prometheus_client's own parser, and sum series as
+PromQL's ``sum`` does."""
 
 from __future__ import annotations
 
-import re
 import urllib.request
 from dataclasses import dataclass
 
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(?:,|$)')
+from prometheus_client.parser import text_string_to_metric_families
 
 
 @dataclass(frozen=True)
 class Scrape:
     samples: dict[tuple[str, frozenset[tuple[str, str]]], float]
     types: dict[str, str]
+    """Family name (a counter's without ``_total``, as the parser names it): type."""
 
     def value(self, name: str, **labels: str) -> float:
         """The sum of every series of ``name`` whose labels include ``labels``."""
@@ -29,28 +29,17 @@ class Scrape:
 
 
 def parse(text: str) -> Scrape:
-    """Parse the text format strictly: a line that is not a comment or a sample fails."""
+    """Parse the text format; the parser fails on a malformed line, and a series given
+    twice fails here."""
     samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
     types: dict[str, str] = {}
-    for line in text.splitlines():
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split(" ", 3)
-            types[name] = kind
-            continue
-        if line.startswith("#") or not line:
-            continue
-        match = _SAMPLE.match(line)
-        if match is None:
-            raise ValueError(f"not a sample line: {line!r}")
-        name, label_text, value = match.groups()
-        pairs = frozenset(
-            (key, raw.replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\"))
-            for key, raw in _LABEL.findall(label_text or "")
-        )
-        key = (name, pairs)
-        if key in samples:
-            raise ValueError(f"series given twice: {line!r}")
-        samples[key] = float(value)
+    for family in text_string_to_metric_families(text):
+        types[family.name] = family.type
+        for sample in family.samples:
+            key = (sample.name, frozenset(sample.labels.items()))
+            if key in samples:
+                raise ValueError(f"series given twice: {sample}")
+            samples[key] = sample.value
     return Scrape(samples, types)
 
 

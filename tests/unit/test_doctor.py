@@ -141,12 +141,24 @@ def test_no_config_file_means_containerd_defaults():
     )
 
 
-def test_containerd_2_2_defaults_config_path_to_certs_d():
-    assert check_config_path([], MAIN, CERTS, V2_2) == Finding(
-        True, 'config_path = "/etc/containerd/certs.d:/etc/docker/certs.d" (containerd\'s default)'
+def test_containerd_2_2_defaults_config_path_to_a_list_its_transfer_service_cannot_read():
+    """containerd 2.2 with no config_path uses two directories; its transfer service reads
+    that as one directory, so its default setup uses no mirror."""
+    for loaded in ([], files("version = 3\n")):
+        finding = check_config_path(loaded, MAIN, CERTS, V2_2)
+        assert not finding.passed
+        assert finding.text.startswith(
+            f'config_path = "{DEFAULT_2_2}" (containerd\'s default) lists several directories, '
+            "but containerd 2.2 pulls through its transfer service"
+        )
+    local = files(f"version = 3\n{LOCAL_PULL_V3}")
+    assert check_config_path(local, MAIN, CERTS, V2_2) == Finding(
+        True,
+        f'config_path = "{DEFAULT_2_2}" (containerd\'s default), read as a list: '
+        f"use_local_image_pull = true in {MAIN} makes containerd pull without its transfer "
+        "service",
     )
-    assert check_config_path(files("version = 3\n"), MAIN, CERTS, V2_2).passed
-    assert not check_config_path(files("version = 3\n"), MAIN, "/srv/certs.d", V2_2).passed
+    assert not check_config_path(local, MAIN, "/srv/certs.d", V2_2).passed
 
 
 def test_deprecated_mirrors_stop_the_default_and_conflict_with_config_path():
@@ -173,6 +185,126 @@ def test_version_1_names_the_cri_plugin_cri():
     text = f'[plugins.cri.registry]\n  config_path = "{CERTS}"\n'
     assert check_config_path(files(text), MAIN, CERTS, V1_6).passed
     assert "under [plugins.cri.registry]" in check_config_path(files(""), MAIN, CERTS, V1_6).text
+
+
+# config_path as a list, and containerd 2.1's transfer service
+
+DEFAULT_2_2 = "/etc/containerd/certs.d:/etc/docker/certs.d"
+LOCAL_PULL_V3 = "[plugins.'io.containerd.cri.v1.images']\n  use_local_image_pull = true\n"
+EKS_V3 = f"""\
+version = 3
+root = '/var/lib/containerd'
+[plugins.'io.containerd.cri.v1.images']
+  snapshotter = 'overlayfs'
+  discard_unpacked_layers = false
+  [plugins.'io.containerd.cri.v1.images'.registry]
+    config_path = '{DEFAULT_2_2}'
+"""
+LIST_V2 = GOOD_V2.replace(f'"{CERTS}"', f'"{DEFAULT_2_2}"')
+BOTH_FIXES = (
+    f'Either set config_path = "{CERTS}" under {{table}}, or set use_local_image_pull = true '
+    'under [plugins."io.containerd.cri.v1.images"]; then restart containerd'
+)
+
+
+@pytest.mark.parametrize("running", [V2_1, V2_2, (2, 3)])
+def test_a_config_path_list_fails_where_cri_pulls_through_the_transfer_service(running):
+    finding = check_config_path(files(EKS_V3), MAIN, CERTS, running)
+    assert str(finding) == (
+        f'FAIL  config_path = "{DEFAULT_2_2}" ({MAIN}) lists several directories, but '
+        f"containerd {running[0]}.{running[1]} pulls through its transfer service, which "
+        "reads config_path as one directory: no hosts.toml is read and no pull uses the "
+        f"mirror. {BOTH_FIXES.format(table=V3_TABLE)}"
+    )
+
+
+@pytest.mark.parametrize("running", [V1_6, (1, 7), (2, 0)])
+def test_a_config_path_list_is_read_as_a_list_before_containerd_2_1(running):
+    assert check_config_path(files(LIST_V2), MAIN, CERTS, running) == Finding(
+        True, f'config_path = "{DEFAULT_2_2}" ({MAIN})'
+    )
+
+
+def test_either_fix_makes_a_containerd_2_1_config_pass():
+    one_directory = EKS_V3.replace(DEFAULT_2_2, CERTS)
+    assert check_config_path(files(one_directory), MAIN, CERTS, V2_1).passed
+    local = EKS_V3.replace("  snapshotter", "  use_local_image_pull = true\n  snapshotter")
+    finding = check_config_path(files(local), MAIN, CERTS, V2_1)
+    assert finding.passed and f"use_local_image_pull = true in {MAIN}" in finding.text
+    turned_off = local.replace("use_local_image_pull = true", "use_local_image_pull = false")
+    assert not check_config_path(files(turned_off), MAIN, CERTS, V2_1).passed
+
+
+def test_a_version_2_config_on_containerd_2_1_is_migrated_and_fails_the_same_way():
+    finding = check_config_path(files(LIST_V2), MAIN, CERTS, V2_1)
+    assert not finding.passed
+    assert finding.text.endswith(BOTH_FIXES.format(table=V2_TABLE))
+    # 2.x keeps an images-plugin section in a version 2 file when it migrates the CRI one.
+    fixed = files(LIST_V2 + LOCAL_PULL_V3.replace("'", '"'))
+    assert check_config_path(fixed, MAIN, CERTS, V2_1).passed
+
+
+IMAGES = "[plugins.'io.containerd.cri.v1.images']\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (
+            f"{IMAGES}  disable_snapshot_annotations = false\n",
+            "disable_snapshot_annotations = false",
+        ),
+        (f"{IMAGES}  max_concurrent_downloads = 8\n", "max_concurrent_downloads = 8"),
+        (f"{IMAGES}  image_pull_with_sync_fs = true\n", "image_pull_with_sync_fs = true"),
+        (
+            "[plugins.'io.containerd.cri.v1.images'.registry.configs.'r.example'.auth]\n"
+            "  username = 'u'\n",
+            "registry.configs",
+        ),
+    ],
+)
+def test_settings_the_transfer_service_lacks_make_containerd_pull_locally(text, reason):
+    """containerd falls back to its local pull, which reads the list, when one is set."""
+    finding = check_config_path(files(EKS_V3, "version = 3\n" + text), MAIN, CERTS, V2_1)
+    assert finding.passed, finding
+    assert f"read as a list: {reason} in /etc/containerd/conf.d/1.toml makes" in finding.text
+
+
+def test_version_2_places_of_the_settings_that_make_containerd_pull_locally():
+    annotations = LIST_V2.replace(
+        "discard_unpacked_layers = false",
+        "discard_unpacked_layers = false\n  disable_snapshot_annotations = false",
+    )
+    assert check_config_path(files(annotations), MAIN, CERTS, V2_1).passed
+    downloads = LIST_V2 + '[plugins."io.containerd.grpc.v1.cri"]\n  max_concurrent_downloads = 3\n'
+    assert not check_config_path(files(downloads), MAIN, CERTS, V2_1).passed, "3 is the default"
+    assert check_config_path(files(downloads.replace("= 3", "= 6")), MAIN, CERTS, V2_1).passed
+
+
+def test_discard_unpacked_layers_hides_the_problem_until_it_is_turned_off():
+    """EKS's setup (containerd#12415): discard on makes containerd pull locally; turning it
+    off, as this node needs, sends pulls through the transfer service."""
+    eks = EKS_V3.replace("discard_unpacked_layers = false", "discard_unpacked_layers = true")
+    finding = check_config_path(files(eks), MAIN, CERTS, V2_1)
+    assert not finding.passed
+    assert finding.text.endswith(
+        f"(today discard_unpacked_layers = true in {MAIN} makes containerd pull without the "
+        "transfer service, but this node needs it off to have layers to serve)"
+    )
+    assert not check_discard(files(eks), MAIN, V2_1).passed
+
+
+def test_without_a_running_containerd_a_version_3_config_is_taken_for_2_1_or_later():
+    finding = check_config_path(files(EKS_V3), MAIN, CERTS, None)
+    assert not finding.passed and "but containerd 2.1 and later pulls through" in finding.text
+    assert check_config_path(files(LIST_V2), MAIN, CERTS, None).passed, "may be containerd 1.x"
+
+
+def test_a_later_import_can_take_use_local_image_pull_back():
+    main = EKS_V3.replace("  snapshotter", "  use_local_image_pull = true\n  snapshotter")
+    drop_in = "version = 3\n" + LOCAL_PULL_V3.replace("= true", "= false")
+    assert check_config_path(files(main), MAIN, CERTS, V2_1).passed
+    assert not check_config_path(files(main, drop_in), MAIN, CERTS, V2_1).passed
 
 
 # config_path in imports
