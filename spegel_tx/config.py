@@ -111,6 +111,20 @@ def _parse_str(value: Any) -> str:
     return value
 
 
+_SIZE = re.compile(r"(\d{1,15})\s*(B|KB|KiB|MB|MiB|GB|GiB)?")
+_UNITS = {"B": 1, "KB": 10**3, "KiB": 2**10, "MB": 10**6, "MiB": 2**20, "GB": 10**9, "GiB": 2**30}
+
+
+def _parse_size(value: Any) -> int:
+    """Bytes, as a whole number or with a unit: ``512KiB``, ``1MiB``, ``10MB``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f"{value!r} is not a size such as 512KiB or 1MiB")
+    return int(match.group(1)) * _UNITS[match.group(2) or "B"]
+
+
 def _parse_duration_value(value: Any) -> float:
     if isinstance(value, str):
         return parse_duration(value)
@@ -176,6 +190,7 @@ class Config:
     mirror_idle_timeout: float = 5.0
     mirror_peer_quarantine: float = 30.0
     mirror_resume_timeout: float = 10.0
+    mirror_min_throughput: int = 1024 * 1024
     shutdown_grace_period: float = 20.0
     data_dir: str = ""
     log_level: str = "INFO"
@@ -204,6 +219,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "mirror-idle-timeout": _parse_duration_value,
     "mirror-peer-quarantine": _parse_duration_value,
     "mirror-resume-timeout": _parse_duration_value,
+    "mirror-min-throughput": _parse_size,
     "shutdown-grace-period": _parse_duration_value,
     "data-dir": _parse_str,
     "log-level": _parse_choice(_LOG_LEVELS),

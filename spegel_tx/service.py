@@ -47,6 +47,7 @@ def mirror_settings(config: Config) -> MirrorSettings:
         idle_timeout=config.mirror_idle_timeout,
         quarantine=config.mirror_peer_quarantine,
         resume_timeout=config.mirror_resume_timeout,
+        min_throughput=config.mirror_min_throughput,
     )
 
 

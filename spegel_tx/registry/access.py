@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import time
 from typing import Any, cast
 
@@ -28,6 +29,11 @@ class AccessLogRequest(Request):
 
     handler = "-"
     peer = "-"
+
+    def gotLength(self, length: int | None) -> None:
+        """A pull-only registry reads no request body: whatever is sent is dropped as it
+        arrives, where Twisted would spool a large one to a temporary file."""
+        self.content = _Discarded()
 
     def process(self) -> None:
         self._started = time.monotonic()
@@ -65,6 +71,11 @@ class AccessLogRequest(Request):
                 peer=self.peer,
                 completed=result is None,
             )
+
+
+class _Discarded(io.BytesIO):
+    def write(self, data: Any) -> int:
+        return len(data)
 
 
 def requested_registry(request: Any) -> str | None:

@@ -138,6 +138,7 @@ class Providers:
         self._asking = False
         self._exhausted = False
         self._waiter: Deferred[None] | None = None
+        self._last_turn: Any = None
 
     def give_back(self, peer: Peer) -> None:
         """``peer``'s attempt was only cancelled: it may be asked again."""
@@ -180,12 +181,19 @@ class Providers:
         if len(self._found) > known or self._exhausted:
             return True
         waiter = self._waiter = Deferred()
-        idle = self._clock.callLater(self._resolve_timeout, self._wake)
+        idle = self._clock.callLater(self._resolve_timeout, self._idle)
         await waiter
         if idle.active():
             idle.cancel()
             return True
+        if self._last_turn is not None and self._last_turn.active():
+            self._last_turn.cancel()
         return len(self._found) > known
+
+    def _idle(self) -> None:
+        """The reactor runs due timers before it reads sockets: on a busy node, answers
+        may already wait unread when the budget runs out. One more turn reads them."""
+        self._last_turn = self._clock.callLater(0, self._wake)
 
     def _on_found(self, peer: Peer | None) -> None:
         self._asking = False

@@ -26,8 +26,8 @@ from spegel_tx.debug import LOOKUP_BUDGET, DebugPages
 from spegel_tx.debugweb import DebugWeb, mirrored_rows, speed
 from spegel_tx.interfaces import ILookup, IRouter
 from spegel_tx.nodemetrics import MirroredRequest, NodeMetrics
-from spegel_tx.oci.manifest import platform_manifest
-from spegel_tx.registry.app import MAX_MANIFEST_SIZE, Registry
+from spegel_tx.oci.manifest import MAX_MANIFEST_SIZE, platform_manifest
+from spegel_tx.registry.app import Registry
 from spegel_tx.registry.mirror import MirrorSettings
 from spegel_tx.routing.kademlia.messages import Contact
 from spegel_tx.routing.kademlia.protocol import KademliaProtocol

@@ -13,7 +13,7 @@ from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.python.failure import Failure
 
 from spegel_tx.errors import Unavailable
-from spegel_tx.registry.access import RegistrySite
+from spegel_tx.registry.access import AccessLogRequest, RegistrySite
 from spegel_tx.registry.app import Registry
 from spegel_tx.testing import ControlledBlob, MemoryStore
 
@@ -327,3 +327,24 @@ def test_a_url_that_is_not_utf8_gets_the_oci_error_not_a_traceback(store):
     assert status == b"HTTP/1.1 400 Bad Request"
     assert headers[b"content-type"] == b"application/json"
     assert errors(body) == ["NAME_INVALID"]
+
+
+def test_a_request_body_is_dropped_as_it_arrives_never_spooled(store, image):
+    body = b"x" * (4 * 1024 * 1024)
+    digest = digest_of(image.manifest)
+    status, _, _ = raw_exchange(
+        store,
+        b"GET /v2/library/demo/manifests/%s?ns=registry.test HTTP/1.1\r\nHost: n\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (digest.encode(), len(body), body),
+    )
+    assert status == b"HTTP/1.1 200 OK"
+
+
+def test_a_request_body_never_reaches_a_temporary_file(store):
+
+    request = AccessLogRequest(
+        RegistrySite(Registry(MemoryReactor(), store).resource()).buildProtocol(None)
+    )
+    request.gotLength(512 * 1024 * 1024)
+    request.handleContentChunk(b"y" * 1_000_000)
+    assert request.content.tell() == 0, "nothing kept in memory or on disk"
