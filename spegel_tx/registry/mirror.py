@@ -160,6 +160,10 @@ class Mirror:
                 self.counters["not_found"] += 1
                 raise NotFound(f"no peer could serve {key}")
             peer, response = found
+            if manifest and digest is None and not await self._agreed(providers, request, response):
+                _discard(response)
+                self.counters["tag_disagreement"] += 1
+                raise NotFound(f"providers disagree on what {key} names; ask its registry")
             self.counters["forwarded"] += 1
             set_handler(request, "mirror", f"{peer[0]}:{peer[1]}")
             request.setResponseCode(response.code)
@@ -181,6 +185,33 @@ class Mirror:
         finally:
             lookup.cancel()
             self.metrics.forwarded(requested_registry(request) or "", served)
+
+    async def _agreed(self, providers: Providers, request: Request, response: Any) -> bool:
+        """A tag is not content-addressed: a second provider already found is asked what
+        it names, and a disagreement sends containerd to the registry, which decides.
+        With one provider only, its word is taken (see the README on tags)."""
+        if response.code != 200:
+            return True
+        other = await providers.spare()
+        if other is None:
+            return True
+        headers = {MIRRORED_HEADER: [b"true"]}
+        try:
+            answer = await request_peer(
+                self._clock,
+                self._client,
+                "HEAD",
+                peer_url(other, request.uri.decode("latin-1")),
+                headers,
+                self.settings.response_timeout,
+            )
+        except Exception:
+            return True  # no opinion; what failed is charged when it is next tried
+        _discard(answer)
+        if answer.code != 200:
+            return True
+        named = _header(answer, b"docker-content-digest")
+        return named == _header(response, b"docker-content-digest")
 
     async def _relay(
         self,

@@ -151,6 +151,13 @@ class Providers:
         self._attempts = 0
         self._unused = list(self._found)
 
+    async def spare(self) -> Peer | None:
+        """A healthy provider not yet tried, to ask for a second opinion; the lookup gets
+        ``resolve_timeout`` to name one."""
+        if not self._exhausted and not self._unused:
+            await self._more()
+        return next((p for p in self._unused if not self._health.quarantined(p)), None)
+
     async def next(self) -> Peer | None:
         """The next provider to try, or None: retries spent, or nobody left to try."""
         if self._attempts >= self._retries:

@@ -800,3 +800,30 @@ def test_a_resume_must_hold_exactly_the_missing_bytes(peers: Peers) -> None:
 
     assert node.download(BLOB_PATH) == LAYER
     assert node.mirror.health.quarantined(("10.0.0.3", 5000))
+
+
+FORGED = MANIFEST.replace(b'"layers": []', b'"layers": [] ')
+FORGED_DIGEST = "sha256:" + hashlib.sha256(FORGED).hexdigest()
+
+
+def test_providers_that_disagree_on_a_tag_send_containerd_to_the_registry(peers: Peers) -> None:
+    peers.add("10.0.0.2:5000", peer_registry(FORGED, images={NAME: FORGED_DIGEST}))
+    peers.add("10.0.0.3:5000", peer_registry(MANIFEST, images={NAME: MANIFEST_DIGEST}))
+    node = Node(peers, {NAME: ["10.0.0.2:5000", "10.0.0.3:5000"]})
+
+    response, _ = node.body(node.get(f"/v2/library/demo/manifests/v1?ns={NS}", "HEAD"))
+
+    assert response.code == 404
+    assert node.mirror.counters["tag_disagreement"] == 1
+
+
+def test_providers_that_agree_on_a_tag_resolve_it(peers: Peers) -> None:
+    for address in ("10.0.0.2:5000", "10.0.0.3:5000"):
+        peers.add(address, peer_registry(MANIFEST, images={NAME: MANIFEST_DIGEST}))
+    node = Node(peers, {NAME: ["10.0.0.2:5000", "10.0.0.3:5000"]})
+
+    response, _ = node.body(node.get(f"/v2/library/demo/manifests/v1?ns={NS}", "HEAD"))
+
+    assert response.code == 200
+    assert response.headers.getRawHeaders("docker-content-digest") == [MANIFEST_DIGEST]
+    assert sorted(peers.asked()) == ["10.0.0.2:5000", "10.0.0.3:5000"]
