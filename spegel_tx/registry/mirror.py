@@ -33,7 +33,7 @@ from spegel_tx.oci.manifest import MAX_MANIFEST_SIZE
 from spegel_tx.oci.ranges import content_range
 from spegel_tx.registry.access import requested_registry, set_handler
 from spegel_tx.registry.peers import Fault, Peer, PeerHealth, Providers
-from spegel_tx.registry.streaming import PeerBodyBroken, PeerBodyRelay
+from spegel_tx.registry.streaming import PeerBodyBroken, PeerBodyRelay, PeerTooSlow
 
 _log = Logger()
 
@@ -377,7 +377,12 @@ class Mirror:
     def _failed(self, peer: Peer, failure: Failure) -> None:
         """Charge ``peer`` with what the failure says about it, and nothing more."""
         reason = failure.value
-        fault = reason.fault if isinstance(reason, _PeerAnswered) else Fault.UNREACHABLE
+        if isinstance(reason, _PeerAnswered):
+            fault = reason.fault
+        elif isinstance(reason, PeerTooSlow):
+            fault = Fault.SLOW
+        else:
+            fault = Fault.UNREACHABLE
         if fault is None:
             self.counters["peer_not_found"] += 1
         else:

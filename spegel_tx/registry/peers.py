@@ -13,7 +13,8 @@ Evidence comes in kinds:
   is alive: a 404 is about one key on that peer, a 400 or 416 about nobody;
 - a refused connection, a timeout, a body broken off or a 5xx make the peer
   *suspect* until it is seen alive again (it answers, or its router speaks)
-  or the quarantine passes;
+  or the quarantine passes; a body under the throughput floor does too, but
+  only the quarantine's end forgives it (a trickling peer is alive);
 - content that fails its digest, or a partial answer nobody asked for, make it
   *distrusted* for the digest quarantine, whatever it says meanwhile.
 """
@@ -45,6 +46,8 @@ MAX_HEDGE_DELAY = 1.0
 class Fault(enum.Enum):
     UNREACHABLE = "unreachable"
     """Refused, timed out, broke off or failed inside: forgiven once seen alive."""
+    SLOW = "slow"
+    """Sent under the throughput floor: alive, so only the quarantine's end forgives it."""
     LIED = "lied"
     """Sent what it must not: forgiven only when the digest quarantine ends."""
 
@@ -66,6 +69,8 @@ class PeerHealth:
     def _book(self, fault: Fault) -> tuple[dict[Peer, float], float]:
         if fault is Fault.LIED:
             return self._distrusted, self.distrust_seconds
+        if fault is Fault.SLOW:
+            return self._distrusted, self.quarantine_seconds
         return self._suspect, self.quarantine_seconds
 
     def alive(self, peer: Peer) -> None:

@@ -245,6 +245,10 @@ class PeerBodyBroken(Exception):
     """A peer's response body stopped before its length: resume from another provider."""
 
 
+class PeerTooSlow(PeerBodyBroken):
+    """A peer's body came slower than the relay's floor."""
+
+
 RATE_WINDOW = 10.0
 """Seconds over which a peer's pace is held to the relay's ``min_rate``: long enough
 that a pause in a healthy transfer passes, short enough that a trickle is left soon."""
@@ -386,7 +390,7 @@ class _PeerPiece(Protocol):
         floor = self._relay._min_rate * RATE_WINDOW
         if self._window_bytes < floor:
             rate = self._window_bytes / RATE_WINDOW
-            self.stop(PeerBodyBroken(f"the peer sent {rate:.0f} B/s, under the floor"))
+            self.stop(PeerTooSlow(f"the peer sent {rate:.0f} B/s, under the floor"))
         else:
             self._arm()
 

@@ -827,3 +827,20 @@ def test_providers_that_agree_on_a_tag_resolve_it(peers: Peers) -> None:
     assert response.code == 200
     assert response.headers.getRawHeaders("docker-content-digest") == [MANIFEST_DIGEST]
     assert sorted(peers.asked()) == ["10.0.0.2:5000", "10.0.0.3:5000"]
+
+
+def test_a_trickling_peer_stays_last_though_seen_alive(peers: Peers) -> None:
+    node = Node(peers, {LAYER_DIGEST: ["10.0.0.2:5000", "10.0.0.3:5000"]}, min_throughput=1e6)
+    peers.add("10.0.0.2:5000", Trickle(node.clock))
+    peers.add("10.0.0.3:5000", peer_registry(LAYER))
+    peers.stubs.pop("10.0.0.3:5000")
+    response = result_of(node.get(BLOB_PATH))
+    peers.add("10.0.0.3:5000", peer_registry(LAYER))
+    content = treq.content(response)
+    for _ in range(105):
+        node.advance(0.1)
+    assert result_of(content) == LAYER
+
+    node.mirror.health.alive(("10.0.0.2", 5000))
+
+    assert node.mirror.health.quarantined(("10.0.0.2", 5000))
