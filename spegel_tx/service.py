@@ -17,6 +17,7 @@ from spegel_tx.debugweb import DebugWeb
 from spegel_tx.interfaces import IBootstrapper
 from spegel_tx.metrics import MetricsResource
 from spegel_tx.nodemetrics import NodeMetrics
+from spegel_tx.reclaim import Reclaimer
 from spegel_tx.registry.access import RegistrySite
 from spegel_tx.registry.app import Registry
 from spegel_tx.registry.connections import peer_agent
@@ -109,7 +110,7 @@ def make_service(config: Config, reactor: Any) -> Node:
         mirror=mirror,
         stopping=lambda: node.stopping,
     )
-    site = RegistrySite(registry.resource(), metrics)
+    site = RegistrySite(registry.resource(), metrics, Reclaimer(reactor))
     listener = TCPServer(
         config.registry_addr.port, site, interface=config.registry_addr.host, reactor=reactor
     )

@@ -15,6 +15,7 @@ from twisted.web import http
 from twisted.web.server import Request, Site
 
 from spegel_tx.nodemetrics import NodeMetrics
+from spegel_tx.reclaim import Reclaimer
 from spegel_tx.registry.connections import enlarge_buffers
 
 _log = Logger(namespace="spegel_tx.access")
@@ -39,12 +40,15 @@ class AccessLogRequest(Request):
         self._started = time.monotonic()
         site = getattr(self.channel, "site", None)
         self._metrics: NodeMetrics | None = getattr(site, "metrics", None)
+        self._reclaimer: Reclaimer | None = getattr(site, "reclaimer", None)
         if self._metrics is not None:
             self._metrics.request_started(self.path)
         self.notifyFinish().addBoth(self._log_access)
         super().process()
 
     def _log_access(self, result: Failure | None) -> None:
+        if result is not None and self._reclaimer is not None:
+            self._reclaimer.soon()
         seconds = time.monotonic() - self._started
         method = self.method.decode("ascii", "replace")
         _log.info(
@@ -142,9 +146,15 @@ class RegistrySite(Site):
     # HTTPChannel is what HTTPFactory built before that wrapper existed.
     protocol = RegistryChannel  # type: ignore[assignment]
 
-    def __init__(self, resource: Any, metrics: NodeMetrics | None = None) -> None:
+    def __init__(
+        self,
+        resource: Any,
+        metrics: NodeMetrics | None = None,
+        reclaimer: Reclaimer | None = None,
+    ) -> None:
         super().__init__(resource)
         self.metrics = metrics
+        self.reclaimer = reclaimer
         self.channels: set[RegistryChannel] = set()
         self._all_closed: list[Deferred[None]] = []
 

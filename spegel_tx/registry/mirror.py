@@ -256,8 +256,10 @@ class Mirror:
                     self.health.charge(sender, Fault.LIED)
                 raise MirrorBodyFailed(f"content from {senders} does not match {digest}")
             relay.finish()
-        except ConnectionLost:
+        except ConnectionLost as e:
             relay.abandon()
+            # The request did not complete: it must not be finished as if it had.
+            raise MirrorBodyFailed("the client went away") from e
         except BaseException:
             relay.abandon()
             raise
