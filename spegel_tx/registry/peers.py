@@ -42,6 +42,9 @@ DEFAULT_HEDGE_DELAY = 0.1
 MIN_HEDGE_DELAY = 0.01
 MAX_HEDGE_DELAY = 1.0
 
+MAX_RESOLVE_WAIT = 1.0
+"""However slow the DHT is now, a lookup idle this long is over."""
+
 
 class Fault(enum.Enum):
     UNREACHABLE = "unreachable"
@@ -60,6 +63,7 @@ class PeerHealth:
         self._suspect: dict[Peer, float] = {}
         self._distrusted: dict[Peer, float] = {}
         self._latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self._resolve_times: deque[float] = deque(maxlen=LATENCY_SAMPLES)
 
     def charge(self, peer: Peer, fault: Fault) -> None:
         book, seconds = self._book(fault)
@@ -88,6 +92,21 @@ class PeerHealth:
     def answered(self, seconds: float) -> None:
         """A peer sent response headers ``seconds`` after the request left."""
         self._latencies.append(seconds)
+
+    def resolved(self, seconds: float) -> None:
+        """A lookup named its first provider ``seconds`` after it started."""
+        self._resolve_times.append(seconds)
+
+    def resolve_wait(self, minimum: float) -> float:
+        """How long a lookup may stay idle: ``minimum`` (mirror-resolve-timeout), or twice
+        the 90th percentile of recent times to a first provider when the DHT is slower
+        than that now. A node that is busy, or whose peers are, answers later; a fixed
+        budget would then call content that peers hold missing."""
+        if not self._resolve_times:
+            return minimum
+        ordered = sorted(self._resolve_times)
+        p90 = ordered[int(0.9 * (len(ordered) - 1))]
+        return min(MAX_RESOLVE_WAIT, max(minimum, 2 * p90))
 
     def hedge_delay(self) -> float:
         """Twice the 90th percentile of recent times to headers: a provider slower than
@@ -184,23 +203,30 @@ class Providers:
         return peer
 
     async def _more(self) -> bool:
-        """Wait for the lookup to name another provider; False once it has been idle
-        for ``resolve_timeout``."""
+        """Wait for the lookup to name another provider; False once it has been idle for
+        the resolve wait with no node left to answer, or for MAX_RESOLVE_WAIT."""
         known = len(self._found)
         if not self._asking:
             self._asking = True
             self._lookup.next_provider().addCallback(self._on_found)
-        if len(self._found) > known or self._exhausted:
-            return True
-        waiter = self._waiter = Deferred()
-        idle = self._clock.callLater(self._resolve_timeout, self._idle)
-        await waiter
-        if idle.active():
-            idle.cancel()
-            return True
-        if self._last_turn is not None and self._last_turn.active():
-            self._last_turn.cancel()
-        return len(self._found) > known
+        started = self._clock.seconds()
+        while len(self._found) == known and not self._exhausted:
+            waiter = self._waiter = Deferred()
+            wait = self._health.resolve_wait(self._resolve_timeout)
+            idle = self._clock.callLater(wait, self._idle)
+            await waiter
+            if idle.active():
+                idle.cancel()
+            if self._last_turn is not None and self._last_turn.active():
+                self._last_turn.cancel()
+            if len(self._found) > known or self._exhausted:
+                break
+            # Nodes that were asked and have not answered may be busy, not gone: under
+            # load they answer late, and a 404 would send containerd upstream for nothing.
+            waited = self._clock.seconds() - started
+            if not self._lookup.answering() or waited >= MAX_RESOLVE_WAIT:
+                return False
+        return True
 
     def _idle(self) -> None:
         """The reactor runs due timers before it reads sockets: on a busy node, answers
@@ -212,7 +238,9 @@ class Providers:
         if peer is None:
             self._exhausted = True
         elif peer not in self._found:
-            self._resolved(self._clock.seconds() - self._started)
+            seconds = self._clock.seconds() - self._started
+            self._health.resolved(seconds)
+            self._resolved(seconds)
             self._found.append(peer)
             self._unused.append(peer)
         self._wake()

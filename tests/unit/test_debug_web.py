@@ -173,6 +173,9 @@ class EndlessLookup:
         if not self.waiting.called:
             self.waiting.callback(None)
 
+    def answering(self) -> bool:
+        return False
+
 
 class EndlessRouter(MemoryRouter):
     def __init__(self) -> None:

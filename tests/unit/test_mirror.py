@@ -264,6 +264,9 @@ class SilentLookup:
             if not d.called:
                 d.callback(None)
 
+    def answering(self) -> bool:
+        return False
+
 
 def test_an_idle_lookup_ends_in_a_404_after_the_resolve_timeout(peers: Peers) -> None:
     node = Node(peers, {})
@@ -844,3 +847,59 @@ def test_a_trickling_peer_stays_last_though_seen_alive(peers: Peers) -> None:
     node.mirror.health.alive(("10.0.0.2", 5000))
 
     assert node.mirror.health.quarantined(("10.0.0.2", 5000))
+
+
+@implementer(ILookup)
+class BusyLookup:
+    """A DHT search whose nodes answer late: the provider comes after ``delay``."""
+
+    def __init__(self, clock: Clock, provider: tuple[str, int] | None, delay: float) -> None:
+        self.clock = clock
+        self.provider = provider
+        self.delay = delay
+        self.given = False
+
+    def next_provider(self) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        if self.given or self.provider is None:
+            return d
+        self.given = True
+        self.clock.callLater(self.delay, d.callback, self.provider)
+        return d
+
+    def cancel(self) -> None:
+        pass
+
+    def answering(self) -> bool:
+        return True
+
+
+def test_a_lookup_whose_nodes_answer_late_is_waited_for(peers: Peers) -> None:
+    peers.add("10.0.0.2:5000", peer_registry(LAYER))
+    node = Node(peers, {})
+    lookup = BusyLookup(node.clock, ("10.0.0.2", 5000), 0.3)
+    node.mirror._router.lookup = lambda key, count: lookup  # type: ignore[method-assign]
+
+    response_d = node.get(BLOB_PATH)
+    for _ in range(2):
+        node.advance(0.1)
+    assert not fired(response_d), "past mirror-resolve-timeout, but nodes have yet to answer"
+    node.advance(0.1)
+
+    response, body = node.body(response_d)
+    assert (response.code, body) == (200, LAYER)
+
+
+def test_a_lookup_still_waiting_after_a_second_is_a_404(peers: Peers) -> None:
+    node = Node(peers, {})
+    lookup = BusyLookup(node.clock, None, 0.0)
+    node.mirror._router.lookup = lambda key, count: lookup  # type: ignore[method-assign]
+
+    response_d = node.get(BLOB_PATH)
+    for _ in range(9):
+        node.advance(0.1)
+    assert not fired(response_d)
+    for _ in range(3):
+        node.advance(0.1)
+
+    assert result_of(response_d).code == 404
