@@ -125,6 +125,28 @@ def _parse_str(value: Any) -> str:
     return value
 
 
+_SIZE = re.compile(r"(\d{1,15})\s*(B|KB|KiB|MB|MiB|GB|GiB)?")
+_UNITS = {"B": 1, "KB": 10**3, "KiB": 2**10, "MB": 10**6, "MiB": 2**20, "GB": 10**9, "GiB": 2**30}
+
+
+def _parse_size(value: Any) -> int:
+    """Bytes, as a whole number or with a unit: ``512KiB``, ``1MiB``, ``10MB``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f"{value!r} is not a size such as 512KiB or 1MiB")
+    return int(match.group(1)) * _UNITS[match.group(2) or "B"]
+
+
+def format_size(size: int) -> str:
+    """``1048576`` → ``1MiB``: the largest binary unit that divides it."""
+    for unit in ("GiB", "MiB", "KiB"):
+        if size and size % _UNITS[unit] == 0:
+            return f"{size // _UNITS[unit]}{unit}"
+    return f"{size}B"
+
+
 def _parse_duration_value(value: Any) -> float:
     if isinstance(value, str):
         return parse_duration(value)
@@ -203,6 +225,7 @@ class Config:
     mirror_idle_timeout: float = 5.0
     mirror_peer_quarantine: float = 30.0
     mirror_resume_timeout: float = 10.0
+    mirror_min_throughput: int = 1024 * 1024
     shutdown_grace_period: float = 20.0
     data_dir: str = ""
     log_level: str = "INFO"
@@ -236,6 +259,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "mirror-idle-timeout": _parse_duration_value,
     "mirror-peer-quarantine": _parse_duration_value,
     "mirror-resume-timeout": _parse_duration_value,
+    "mirror-min-throughput": _parse_size,
     "shutdown-grace-period": _parse_duration_value,
     "data-dir": _parse_str,
     "log-level": _parse_choice(_LOG_LEVELS),
@@ -279,6 +303,8 @@ MEANINGS: dict[str, str] = {
     "after the others (forgiven at once when seen alive).",
     "mirror-resume-timeout": "How long a body broken off part-way waits for a provider, a "
     "restarted one included, to resume it.",
+    "mirror-min-throughput": "Bytes a second a peer's body must average while the client "
+    "keeps up (512KiB, 1MiB, ...); a slower peer is left for the next.",
     "shutdown-grace-period": "After SIGTERM, how long responses in flight may finish.",
     "data-dir": "Where the node keeps its DHT identity across restarts; none: a new id each start.",
     "log-level": "DEBUG, INFO, WARN or ERROR.",
@@ -297,6 +323,8 @@ def default_text(key: str) -> str:
     value = getattr(Config(), key.replace("-", "_"))
     if _PARSERS[key] is _parse_duration_value:
         return format_duration(value)
+    if _PARSERS[key] is _parse_size:
+        return format_size(value)
     if isinstance(value, bool):
         return str(value).lower()
     if value in ("", ()):

@@ -34,13 +34,13 @@ from spegel_tx.nodemetrics import MirroredRequest, NodeMetrics
 from spegel_tx.oci.manifest import (
     INDEX_MEDIA_TYPES,
     MANIFEST_MEDIA_TYPES,
+    MAX_MANIFEST_SIZE,
     children,
     detect_media_type,
     platform_manifest,
 )
 from spegel_tx.oci.reference import split_image_name
 from spegel_tx.readiness import Readiness
-from spegel_tx.registry.app import MAX_MANIFEST_SIZE
 from spegel_tx.registry.mirror import MIRRORED_HEADER, MirrorSettings, peer_url, request_peer
 from spegel_tx.registry.peers import Peer
 from spegel_tx.routing.kademlia.protocol import KademliaProtocol

@@ -105,6 +105,10 @@ class ILookup(Interface):
     def cancel() -> None:
         """Stop searching; pending ``next_provider`` calls fire with None."""
 
+    def answering() -> bool:
+        """Whether nodes asked have yet to answer, none of them timed out: the search
+        may still name providers, however long since the last one."""
+
 
 class IBootstrapper(Interface):
     """Where a node finds its first peers."""

@@ -44,6 +44,7 @@ PEER_EVENTS = (
     "peer_failed",
     "peer_not_found",
     "quarantined_tried",
+    "tag_disagreement",
 )
 """Mirror counters exported as ``spegel_tx_mirror_peer_events_total{event}``."""
 

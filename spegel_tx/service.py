@@ -27,6 +27,7 @@ from spegel_tx.interfaces import IBootstrapper
 from spegel_tx.metrics import MetricsResource
 from spegel_tx.nodemetrics import NodeMetrics
 from spegel_tx.readiness import Readiness
+from spegel_tx.reclaim import Reclaimer
 from spegel_tx.registry.access import RegistrySite
 from spegel_tx.registry.app import Registry
 from spegel_tx.registry.connections import peer_agent
@@ -142,6 +143,7 @@ def mirror_settings(config: Config) -> MirrorSettings:
         idle_timeout=config.mirror_idle_timeout,
         quarantine=config.mirror_peer_quarantine,
         resume_timeout=config.mirror_resume_timeout,
+        min_throughput=config.mirror_min_throughput,
     )
 
 
@@ -209,7 +211,7 @@ def make_service(config: Config, reactor: Any, *, secret: bytes | None, node_id:
         mirror=mirror,
         readiness=readiness,
     )
-    registry_site = RegistrySite(registry.resource(), metrics)
+    registry_site = RegistrySite(registry.resource(), metrics, Reclaimer(reactor))
     listener = _listen(node, "registry-addr", config.registry_addr, registry_site, reactor)
     node.drains(registry_site, listener, tracker, router)
     web = None

@@ -30,15 +30,18 @@ from spegel_tx.content import Descriptor, Image, ImageEvent
 from spegel_tx.errors import InvalidDigest, NotFound, Unavailable
 from spegel_tx.interfaces import IBlob, IContentStore
 from spegel_tx.oci.digest import parse_digest
-from spegel_tx.oci.manifest import MANIFEST_MEDIA_TYPES, children, detect_media_type
+from spegel_tx.oci.manifest import (
+    MANIFEST_MEDIA_TYPES,
+    MAX_MANIFEST_SIZE,
+    children,
+    detect_media_type,
+)
 
 log = Logger()
 
 T = TypeVar("T")
 
 OCTET_STREAM = "application/octet-stream"
-# Content larger than this is never read to find a media type: no manifest is this big.
-MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 CONTENT_PLUGIN_FILTER = "type==io.containerd.content.v1,id==content"
 # The most a FileBlob reads at once; bigger transfers use fileno() and sendfile.
 MAX_READ = 1024 * 1024

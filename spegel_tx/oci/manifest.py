@@ -20,6 +20,9 @@ DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 INDEX_MEDIA_TYPES = frozenset((OCI_INDEX, DOCKER_MANIFEST_LIST))
 MANIFEST_MEDIA_TYPES = frozenset((OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST))
 
+MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+"""The distribution spec's suggested limit; larger content is never a manifest here."""
+
 
 def _parse(data: bytes) -> dict[str, Any] | None:
     if not data.lstrip().startswith(b"{"):

@@ -69,8 +69,11 @@ def _position(digits: str) -> int:
     return _LARGEST if len(stripped) > 18 else int(stripped)
 
 
-def content_range_first(header: str | None) -> int | None:
-    """The first byte position a ``Content-Range: bytes a-b/size`` answer starts at,
-    or None when the header is missing or not of that form."""
+def content_range(header: str | None) -> ByteRange | None:
+    """The range a ``Content-Range: bytes a-b/size`` answer holds, or None when the
+    header is missing, not of that form, or ends before it starts."""
     match = _CONTENT_RANGE.fullmatch((header or "").strip())
-    return _position(match.group(1)) if match else None
+    if match is None:
+        return None
+    first, last = _position(match.group(1)), _position(match.group(2))
+    return ByteRange(first, last) if last >= first else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import time
 from typing import Any, cast
 
@@ -14,6 +15,7 @@ from twisted.web import http
 from twisted.web.server import Request, Site
 
 from spegel_tx.nodemetrics import NodeMetrics
+from spegel_tx.reclaim import Reclaimer
 from spegel_tx.registry.connections import enlarge_buffers
 
 _log = Logger(namespace="spegel_tx.access")
@@ -29,16 +31,24 @@ class AccessLogRequest(Request):
     handler = "-"
     peer = "-"
 
+    def gotLength(self, length: int | None) -> None:
+        """A pull-only registry reads no request body: whatever is sent is dropped as it
+        arrives, where Twisted would spool a large one to a temporary file."""
+        self.content = _Discarded()
+
     def process(self) -> None:
         self._started = time.monotonic()
         site = getattr(self.channel, "site", None)
         self._metrics: NodeMetrics | None = getattr(site, "metrics", None)
+        self._reclaimer: Reclaimer | None = getattr(site, "reclaimer", None)
         if self._metrics is not None:
             self._metrics.request_started(self.path)
         self.notifyFinish().addBoth(self._log_access)
         super().process()
 
     def _log_access(self, result: Failure | None) -> None:
+        if result is not None and self._reclaimer is not None:
+            self._reclaimer.soon()
         seconds = time.monotonic() - self._started
         method = self.method.decode("ascii", "replace")
         _log.info(
@@ -65,6 +75,11 @@ class AccessLogRequest(Request):
                 peer=self.peer,
                 completed=result is None,
             )
+
+
+class _Discarded(io.BytesIO):
+    def write(self, data: Any) -> int:
+        return len(data)
 
 
 def requested_registry(request: Any) -> str | None:
@@ -132,9 +147,15 @@ class RegistrySite(Site):
     # HTTPChannel is what HTTPFactory built before that wrapper existed.
     protocol = RegistryChannel  # type: ignore[assignment]
 
-    def __init__(self, resource: Any, metrics: NodeMetrics | None = None) -> None:
+    def __init__(
+        self,
+        resource: Any,
+        metrics: NodeMetrics | None = None,
+        reclaimer: Reclaimer | None = None,
+    ) -> None:
         super().__init__(resource)
         self.metrics = metrics
+        self.reclaimer = reclaimer
         self.channels: set[RegistryChannel] = set()
         self._all_closed: list[Deferred[None]] = []
 

@@ -28,16 +28,13 @@ from spegel_tx.errors import Filtered, InvalidDigest, InvalidReference, NotFound
 from spegel_tx.interfaces import IBlob, IContentStore
 from spegel_tx.oci.digest import parse_digest
 from spegel_tx.oci.errors import ErrorCode, error_body
-from spegel_tx.oci.manifest import MANIFEST_MEDIA_TYPES
+from spegel_tx.oci.manifest import MANIFEST_MEDIA_TYPES, MAX_MANIFEST_SIZE
 from spegel_tx.oci.ranges import RangeNotSatisfiable, parse_range
 from spegel_tx.oci.reference import Reference, parse_reference, parse_repository, split_image_name
 from spegel_tx.readiness import Readiness
 from spegel_tx.registry.access import requested_registry, set_handler
 from spegel_tx.registry.mirror import MIRRORED_HEADER, Mirror, MirrorBodyFailed
 from spegel_tx.registry.streaming import send_blob
-
-MAX_MANIFEST_SIZE = 4 * 1024 * 1024
-"""The distribution spec's suggested limit; larger content is never a manifest here."""
 
 _log = Logger()
 

@@ -30,10 +30,11 @@ from spegel_tx.errors import NotFound
 from spegel_tx.interfaces import IRouter
 from spegel_tx.logs import error_text
 from spegel_tx.nodemetrics import NodeMetrics
-from spegel_tx.oci.ranges import content_range_first
+from spegel_tx.oci.manifest import MAX_MANIFEST_SIZE
+from spegel_tx.oci.ranges import content_range
 from spegel_tx.registry.access import requested_registry, set_handler
 from spegel_tx.registry.peers import Fault, Peer, PeerHealth, Providers
-from spegel_tx.registry.streaming import PeerBodyBroken, PeerBodyRelay
+from spegel_tx.registry.streaming import PeerBodyBroken, PeerBodyRelay, PeerTooSlow
 
 _log = Logger()
 
@@ -69,6 +70,9 @@ class MirrorSettings:
     """How long a peer that sent content with a wrong digest is tried last."""
     resume_timeout: float = 10.0
     """How long a body broken off part-way waits for some provider to resume it."""
+    min_throughput: float = 1024 * 1024
+    """Bytes a second a peer must average while the client keeps up; a slower one is
+    left for the next provider."""
 
 
 RESUME_PAUSE = 0.1
@@ -147,11 +151,20 @@ class Mirror:
         budget = self.settings.manifest_budget if manifest or method == "HEAD" else None
         served = False
         try:
-            found = await self._first_response(providers, method, request.uri, headers, budget)
+            expected = _Expected(
+                ranged=b"range" in headers, limit=MAX_MANIFEST_SIZE if manifest else None
+            )
+            found = await self._first_response(
+                providers, method, request.uri, headers, budget, expected
+            )
             if found is None:
                 self.counters["not_found"] += 1
                 raise NotFound(f"no peer could serve {key}")
             peer, response = found
+            if manifest and digest is None and not await self._agreed(providers, request, response):
+                _discard(response)
+                self.counters["tag_disagreement"] += 1
+                raise NotFound(f"providers disagree on what {key} names; ask its registry")
             self.counters["forwarded"] += 1
             set_handler(request, "mirror", f"{peer[0]}:{peer[1]}")
             request.setResponseCode(response.code)
@@ -174,6 +187,33 @@ class Mirror:
             lookup.cancel()
             self.metrics.forwarded(requested_registry(request) or "", served)
 
+    async def _agreed(self, providers: Providers, request: Request, response: Any) -> bool:
+        """A tag is not content-addressed: a second provider already found is asked what
+        it names, and a disagreement sends containerd to the registry, which decides.
+        With one provider only, its word is taken (see the README on tags)."""
+        if response.code != 200:
+            return True
+        other = await providers.spare()
+        if other is None:
+            return True
+        headers = {MIRRORED_HEADER: [b"true"]}
+        try:
+            answer = await request_peer(
+                self._clock,
+                self._client,
+                "HEAD",
+                peer_url(other, request.uri.decode("latin-1")),
+                headers,
+                self.settings.response_timeout,
+            )
+        except Exception:
+            return True  # no opinion; what failed is charged when it is next tried
+        _discard(answer)
+        if answer.code != 200:
+            return True
+        named = _header(answer, b"docker-content-digest")
+        return named == _header(response, b"docker-content-digest")
+
     async def _relay(
         self,
         request: Request,
@@ -184,7 +224,9 @@ class Mirror:
         headers: dict[bytes, list[bytes]],
     ) -> None:
         hasher = hashlib.sha256() if digest and digest.startswith("sha256:") else None
-        relay = PeerBodyRelay(self._clock, request, self.settings.idle_timeout, hasher)
+        relay = PeerBodyRelay(
+            self._clock, request, self.settings.idle_timeout, hasher, self.settings.min_throughput
+        )
         resumable = response.code in (200, 206)
         first = _range_start(response)
         end = first + response.length
@@ -200,7 +242,9 @@ class Mirror:
                 if not resumable:
                     raise MirrorBodyFailed(f"{peer[0]}:{peer[1]} broke off its answer")
                 resume = {**headers, b"range": [b"bytes=%d-%d" % (at, end - 1)]}
-                found = await self._resume(providers, request.uri, resume, at)
+                found = await self._resume(
+                    providers, request.uri, resume, _Expected(True, at, end - at)
+                )
                 if found is None:
                     raise MirrorBodyFailed(f"no provider left to resume at byte {relay.received}")
                 peer, response = found
@@ -213,14 +257,20 @@ class Mirror:
                     self.health.charge(sender, Fault.LIED)
                 raise MirrorBodyFailed(f"content from {senders} does not match {digest}")
             relay.finish()
-        except ConnectionLost:
+        except ConnectionLost as e:
             relay.abandon()
+            # The request did not complete: it must not be finished as if it had.
+            raise MirrorBodyFailed("the client went away") from e
         except BaseException:
             relay.abandon()
             raise
 
     async def _resume(
-        self, providers: Providers, uri: bytes, headers: dict[bytes, list[bytes]], at: int
+        self,
+        providers: Providers,
+        uri: bytes,
+        headers: dict[bytes, list[bytes]],
+        expected: _Expected,
     ) -> tuple[Peer, Any] | None:
         """A provider's answer from byte ``at`` on, asking every known provider again after
         a growing pause (one that refused may be back from a restart) until
@@ -228,7 +278,7 @@ class Mirror:
         deadline = self._clock.seconds() + self.settings.resume_timeout
         pause = RESUME_PAUSE
         while True:
-            found = await self._first_response(providers, "GET", uri, headers, None, at)
+            found = await self._first_response(providers, "GET", uri, headers, None, expected)
             left = deadline - self._clock.seconds()
             if found is not None or left <= 0:
                 return found
@@ -243,7 +293,7 @@ class Mirror:
         uri: bytes,
         headers: dict[bytes, list[bytes]],
         budget: float | None,
-        resume_at: int | None = None,
+        expected: _Expected,
     ) -> tuple[Peer, Any] | None:
         """The first provider to answer with content; slow ones are raced by the next."""
         events: DeferredQueue[Any] = DeferredQueue()
@@ -256,7 +306,7 @@ class Mirror:
                     peer = None if exhausted else await providers.next()
                     if peer is None:
                         return None
-                    live[peer] = self._request(peer, method, uri, headers, events, resume_at)
+                    live[peer] = self._request(peer, method, uri, headers, events, expected)
                 hedge = None
                 if not exhausted:
                     hedge = self._clock.callLater(self.health.hedge_delay(), events.put, _HEDGE)
@@ -271,7 +321,7 @@ class Mirror:
                         exhausted = True
                     else:
                         self.counters["hedged"] += 1
-                        live[peer] = self._request(peer, method, uri, headers, events, resume_at)
+                        live[peer] = self._request(peer, method, uri, headers, events, expected)
                     continue
                 peer, response, failure = event
                 live.pop(peer, None)
@@ -297,7 +347,7 @@ class Mirror:
         uri: bytes,
         headers: dict[bytes, list[bytes]],
         events: DeferredQueue[Any],
-        resume_at: int | None,
+        expected: _Expected,
     ) -> Deferred[Any]:
         started = self._clock.seconds()
         attempt = request_peer(
@@ -310,7 +360,7 @@ class Mirror:
         )
 
         def answered(response: Any) -> Any:
-            fault = _judge(response, method, b"range" in headers, resume_at)
+            fault = _judge(response, method, expected)
             if fault is not None or response.code == 404:
                 _discard(response)
                 if fault is not Fault.UNREACHABLE:
@@ -330,7 +380,12 @@ class Mirror:
     def _failed(self, peer: Peer, failure: Failure) -> None:
         """Charge ``peer`` with what the failure says about it, and nothing more."""
         reason = failure.value
-        fault = reason.fault if isinstance(reason, _PeerAnswered) else Fault.UNREACHABLE
+        if isinstance(reason, _PeerAnswered):
+            fault = reason.fault
+        elif isinstance(reason, PeerTooSlow):
+            fault = Fault.SLOW
+        else:
+            fault = Fault.UNREACHABLE
         if fault is None:
             self.counters["peer_not_found"] += 1
         else:
@@ -341,26 +396,52 @@ class Mirror:
         )
 
 
-def _judge(response: Any, method: str, ranged: bool, resume_at: int | None) -> Fault | None:
+@dataclass(frozen=True)
+class _Expected:
+    """What an answer must be to be relayed."""
+
+    ranged: bool
+    """The request carries a ``Range``: a 206 may answer it."""
+    resume_at: int | None = None
+    """A resume of ours: only a 206 from this byte on will do."""
+    length: int | None = None
+    """A resume's exact length."""
+    limit: int | None = None
+    """The most a body may hold (manifests)."""
+
+
+def _judge(response: Any, method: str, expected: _Expected) -> Fault | None:
     """What an answer says about the peer: None for content, for a 404, and for a
     client's own bad request (400, or 416 to the client's ``Range``), which goes on
     to the client as it is; otherwise the fault to charge the peer with."""
     code = response.code
-    known = method == "HEAD" or response.length is not UNKNOWN_LENGTH
+    length = _declared_length(response, method)
     if code == 404:
         return None
-    if resume_at is not None:
-        if code == 206 and known and _range_start(response) == resume_at:
+    if expected.resume_at is not None:
+        exact = code == 206 and length == expected.length
+        if exact and _range_start(response) == expected.resume_at:
             return None
         return Fault.UNREACHABLE if code == 200 or code >= 500 else Fault.LIED
+    if code in (200, 206) and expected.limit is not None and (length or 0) > expected.limit:
+        return Fault.LIED
     if code == 200:
-        return None if known else Fault.UNREACHABLE
+        return None if length is not None else Fault.UNREACHABLE
     if code == 206:
-        return None if ranged and known and _range_start(response) >= 0 else Fault.LIED
-    if code == 400 or (code == 416 and ranged):
+        usable = expected.ranged and length is not None and _range_start(response) >= 0
+        return None if usable else Fault.LIED
+    if code == 400 or (code == 416 and expected.ranged):
         small = response.length is not UNKNOWN_LENGTH and response.length <= SMALL_BODY
         return None if method == "HEAD" or small else Fault.UNREACHABLE
     return Fault.UNREACHABLE
+
+
+def _declared_length(response: Any, method: str) -> int | None:
+    """The body length a response declares; a HEAD's is in its ``Content-Length``."""
+    if method != "HEAD":
+        return None if response.length is UNKNOWN_LENGTH else int(response.length)
+    value = _header(response, b"content-length")
+    return int(value) if value is not None and value.isdigit() and len(value) < 19 else None
 
 
 def peer_url(peer: Peer, path: str) -> str:
@@ -396,11 +477,14 @@ def _header(response: Any, name: bytes) -> str | None:
 
 
 def _range_start(response: Any) -> int:
-    """Where a 206 body starts in the content (-1 if it does not say); 0 for a whole body."""
+    """Where a 206 body starts in the content; 0 for a whole body; -1 when its
+    ``Content-Range`` is missing or does not hold exactly the bytes it sends."""
     if response.code != 206:
         return 0
-    first = content_range_first(_header(response, b"content-range"))
-    return -1 if first is None else first
+    held = content_range(_header(response, b"content-range"))
+    if held is None or held.length != response.length:
+        return -1
+    return held.first
 
 
 SMALL_BODY = 64 * 1024

@@ -13,7 +13,8 @@ Evidence comes in kinds:
   is alive: a 404 is about one key on that peer, a 400 or 416 about nobody;
 - a refused connection, a timeout, a body broken off or a 5xx make the peer
   *suspect* until it is seen alive again (it answers, or its router speaks)
-  or the quarantine passes;
+  or the quarantine passes; a body under the throughput floor does too, but
+  only the quarantine's end forgives it (a trickling peer is alive);
 - content that fails its digest, or a partial answer nobody asked for, make it
   *distrusted* for the digest quarantine, whatever it says meanwhile.
 """
@@ -41,10 +42,15 @@ DEFAULT_HEDGE_DELAY = 0.1
 MIN_HEDGE_DELAY = 0.01
 MAX_HEDGE_DELAY = 1.0
 
+MAX_RESOLVE_WAIT = 1.0
+"""However slow the DHT is now, a lookup idle this long is over."""
+
 
 class Fault(enum.Enum):
     UNREACHABLE = "unreachable"
     """Refused, timed out, broke off or failed inside: forgiven once seen alive."""
+    SLOW = "slow"
+    """Sent under the throughput floor: alive, so only the quarantine's end forgives it."""
     LIED = "lied"
     """Sent what it must not: forgiven only when the digest quarantine ends."""
 
@@ -57,6 +63,7 @@ class PeerHealth:
         self._suspect: dict[Peer, float] = {}
         self._distrusted: dict[Peer, float] = {}
         self._latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self._resolve_times: deque[float] = deque(maxlen=LATENCY_SAMPLES)
 
     def charge(self, peer: Peer, fault: Fault) -> None:
         book, seconds = self._book(fault)
@@ -66,6 +73,8 @@ class PeerHealth:
     def _book(self, fault: Fault) -> tuple[dict[Peer, float], float]:
         if fault is Fault.LIED:
             return self._distrusted, self.distrust_seconds
+        if fault is Fault.SLOW:
+            return self._distrusted, self.quarantine_seconds
         return self._suspect, self.quarantine_seconds
 
     def alive(self, peer: Peer) -> None:
@@ -83,6 +92,21 @@ class PeerHealth:
     def answered(self, seconds: float) -> None:
         """A peer sent response headers ``seconds`` after the request left."""
         self._latencies.append(seconds)
+
+    def resolved(self, seconds: float) -> None:
+        """A lookup named its first provider ``seconds`` after it started."""
+        self._resolve_times.append(seconds)
+
+    def resolve_wait(self, minimum: float) -> float:
+        """How long a lookup may stay idle: ``minimum`` (mirror-resolve-timeout), or twice
+        the 90th percentile of recent times to a first provider when the DHT is slower
+        than that now. A node that is busy, or whose peers are, answers later; a fixed
+        budget would then call content that peers hold missing."""
+        if not self._resolve_times:
+            return minimum
+        ordered = sorted(self._resolve_times)
+        p90 = ordered[int(0.9 * (len(ordered) - 1))]
+        return min(MAX_RESOLVE_WAIT, max(minimum, 2 * p90))
 
     def hedge_delay(self) -> float:
         """Twice the 90th percentile of recent times to headers: a provider slower than
@@ -138,6 +162,7 @@ class Providers:
         self._asking = False
         self._exhausted = False
         self._waiter: Deferred[None] | None = None
+        self._last_turn: Any = None
 
     def give_back(self, peer: Peer) -> None:
         """``peer``'s attempt was only cancelled: it may be asked again."""
@@ -149,6 +174,13 @@ class Providers:
         refused may have restarted."""
         self._attempts = 0
         self._unused = list(self._found)
+
+    async def spare(self) -> Peer | None:
+        """A healthy provider not yet tried, to ask for a second opinion; the lookup gets
+        ``resolve_timeout`` to name one."""
+        if not self._exhausted and not self._unused:
+            await self._more()
+        return next((p for p in self._unused if not self._health.quarantined(p)), None)
 
     async def next(self) -> Peer | None:
         """The next provider to try, or None: retries spent, or nobody left to try."""
@@ -171,28 +203,44 @@ class Providers:
         return peer
 
     async def _more(self) -> bool:
-        """Wait for the lookup to name another provider; False once it has been idle
-        for ``resolve_timeout``."""
+        """Wait for the lookup to name another provider; False once it has been idle for
+        the resolve wait with no node left to answer, or for MAX_RESOLVE_WAIT."""
         known = len(self._found)
         if not self._asking:
             self._asking = True
             self._lookup.next_provider().addCallback(self._on_found)
-        if len(self._found) > known or self._exhausted:
-            return True
-        waiter = self._waiter = Deferred()
-        idle = self._clock.callLater(self._resolve_timeout, self._wake)
-        await waiter
-        if idle.active():
-            idle.cancel()
-            return True
-        return len(self._found) > known
+        started = self._clock.seconds()
+        while len(self._found) == known and not self._exhausted:
+            waiter = self._waiter = Deferred()
+            wait = self._health.resolve_wait(self._resolve_timeout)
+            idle = self._clock.callLater(wait, self._idle)
+            await waiter
+            if idle.active():
+                idle.cancel()
+            if self._last_turn is not None and self._last_turn.active():
+                self._last_turn.cancel()
+            if len(self._found) > known or self._exhausted:
+                break
+            # Nodes that were asked and have not answered may be busy, not gone: under
+            # load they answer late, and a 404 would send containerd upstream for nothing.
+            waited = self._clock.seconds() - started
+            if not self._lookup.answering() or waited >= MAX_RESOLVE_WAIT:
+                return False
+        return True
+
+    def _idle(self) -> None:
+        """The reactor runs due timers before it reads sockets: on a busy node, answers
+        may already wait unread when the budget runs out. One more turn reads them."""
+        self._last_turn = self._clock.callLater(0, self._wake)
 
     def _on_found(self, peer: Peer | None) -> None:
         self._asking = False
         if peer is None:
             self._exhausted = True
         elif peer not in self._found:
-            self._resolved(self._clock.seconds() - self._started)
+            seconds = self._clock.seconds() - self._started
+            self._health.resolved(seconds)
+            self._resolved(seconds)
             self._found.append(peer)
             self._unused.append(peer)
         self._wake()

@@ -245,6 +245,15 @@ class PeerBodyBroken(Exception):
     """A peer's response body stopped before its length: resume from another provider."""
 
 
+class PeerTooSlow(PeerBodyBroken):
+    """A peer's body came slower than the relay's floor."""
+
+
+RATE_WINDOW = 10.0
+"""Seconds over which a peer's pace is held to the relay's ``min_rate``: long enough
+that a pause in a healthy transfer passes, short enough that a trickle is left soon."""
+
+
 @implementer(IPushProducer)
 class PeerBodyRelay:
     """Writes the bodies of one or more peer responses to the client, as one body.
@@ -257,11 +266,19 @@ class PeerBodyRelay:
     """
 
     def __init__(
-        self, clock: Any, request: Request, idle_timeout: float, hasher: Any | None = None
+        self,
+        clock: Any,
+        request: Request,
+        idle_timeout: float,
+        hasher: Any | None = None,
+        min_rate: float = 0.0,
     ) -> None:
+        """``min_rate``: bytes a second a peer must average over each RATE_WINDOW in which
+        the client did not push back (0: no floor)."""
         self._clock = clock
         self._request = request
         self._idle_timeout = idle_timeout
+        self._min_rate = min_rate
         self.hasher = hasher
         self._held = b""
         self._piece: _PeerPiece | None = None
@@ -330,12 +347,15 @@ class PeerBodyRelay:
 
 
 class _PeerPiece(Protocol):
-    """Receives one peer response body, with an idle timeout between chunks."""
+    """Receives one peer response body, with an idle timeout between chunks and a
+    floor on its pace: a peer that trickles is as useless as one that stalls."""
 
     def __init__(self, relay: PeerBodyRelay, length: int) -> None:
         self._relay = relay
         self._remaining = length
         self._idle: Any = None
+        self._pace: Any = None
+        self._window_bytes = 0
         self._paused = False
         self.done: Deferred[None] = Deferred()
 
@@ -349,25 +369,39 @@ class _PeerPiece(Protocol):
         self._arm()
 
     def _arm(self) -> None:
-        """Start the idle timer, or push it back. Called for every chunk: pushing a
-        DelayedCall later (``reset``) only records the new time, where cancelling and
-        scheduling anew would reorder the reactor's timer heap each time."""
+        """Start the idle timer, or push it back, and the pace check. Called for every
+        chunk: pushing a DelayedCall later (``reset``) only records the new time, where
+        cancelling and scheduling anew would reorder the reactor's timer heap each time."""
         if self._paused or self.done.called:
             self._disarm()
-        elif self._idle is not None and self._idle.active():
+            return
+        if self._idle is not None and self._idle.active():
             self._idle.reset(self._relay._idle_timeout)
         else:
             self._idle = self._relay._clock.callLater(
                 self._relay._idle_timeout, self.stop, PeerBodyBroken("the peer stalled")
             )
+        if self._relay._min_rate and self._pace is None:
+            self._window_bytes = 0
+            self._pace = self._relay._clock.callLater(RATE_WINDOW, self._check_pace)
+
+    def _check_pace(self) -> None:
+        self._pace = None
+        floor = self._relay._min_rate * RATE_WINDOW
+        if self._window_bytes < floor:
+            rate = self._window_bytes / RATE_WINDOW
+            self.stop(PeerTooSlow(f"the peer sent {rate:.0f} B/s, under the floor"))
+        else:
+            self._arm()
 
     def _disarm(self) -> None:
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
-        self._idle = None
+        for timer in (self._idle, self._pace):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._idle = self._pace = None
 
     def pause(self) -> None:
-        """A slow client is not a stalled peer: no idle timeout while paused."""
+        """A slow client is not a slow peer: no idle timeout or pace check while paused."""
         self._paused = True
         self._disarm()
         if self.transport is not None:
@@ -391,6 +425,7 @@ class _PeerPiece(Protocol):
             return
         data = data[: self._remaining]
         self._remaining -= len(data)
+        self._window_bytes += len(data)
         self._arm()
         self._relay._take(data)
         if self._remaining == 0:

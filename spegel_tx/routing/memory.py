@@ -56,3 +56,6 @@ class _ListLookup:
 
     def cancel(self) -> None:
         self._providers.clear()
+
+    def answering(self) -> bool:
+        return False

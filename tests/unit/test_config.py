@@ -2,7 +2,14 @@ import re
 
 import pytest
 
-from spegel_tx.config import Address, Config, load_config, parse_address, parse_duration
+from spegel_tx.config import (
+    Address,
+    Config,
+    format_size,
+    load_config,
+    parse_address,
+    parse_duration,
+)
 from spegel_tx.errors import ConfigError
 
 
@@ -161,3 +168,23 @@ def test_republishing_must_come_before_records_expire(tmp_path):
         load_config(
             write(tmp_path, "router-record-ttl: 10m\nrouter-republish-interval: 15m\n"), environ={}
         )
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("1048576", 1 << 20), ("512KiB", 512 << 10), ("1MiB", 1 << 20), ("10MB", 10**7), (0, 0)],
+)
+def test_mirror_min_throughput_takes_sizes(text, size):
+    assert load_config(None, {}, {"mirror-min-throughput": text}).mirror_min_throughput == size
+
+
+def test_a_size_without_a_known_unit_names_the_key():
+    with pytest.raises(ConfigError, match="mirror-min-throughput"):
+        load_config(None, {}, {"mirror-min-throughput": "fast"})
+
+
+@pytest.mark.parametrize(
+    ("size", "text"), [(1 << 20, "1MiB"), (512 << 10, "512KiB"), (1000, "1000B")]
+)
+def test_sizes_are_written_back_in_the_largest_unit(size, text):
+    assert format_size(size) == text

@@ -26,9 +26,9 @@ from spegel_tx.debug import LOOKUP_BUDGET, DebugPages
 from spegel_tx.debugweb import DebugWeb, mirrored_rows, speed
 from spegel_tx.interfaces import ILookup, IRouter
 from spegel_tx.nodemetrics import MirroredRequest, NodeMetrics
-from spegel_tx.oci.manifest import platform_manifest
+from spegel_tx.oci.manifest import MAX_MANIFEST_SIZE, platform_manifest
 from spegel_tx.readiness import NO_PEER, Readiness
-from spegel_tx.registry.app import MAX_MANIFEST_SIZE, Registry
+from spegel_tx.registry.app import Registry
 from spegel_tx.registry.mirror import MirrorSettings
 from spegel_tx.routing.kademlia.messages import Contact
 from spegel_tx.routing.kademlia.protocol import KademliaProtocol
@@ -175,6 +175,9 @@ class EndlessLookup:
     def cancel(self) -> None:
         if not self.waiting.called:
             self.waiting.callback(None)
+
+    def answering(self) -> bool:
+        return False
 
 
 class EndlessRouter(MemoryRouter):

@@ -264,6 +264,9 @@ class SilentLookup:
             if not d.called:
                 d.callback(None)
 
+    def answering(self) -> bool:
+        return False
+
 
 def test_an_idle_lookup_ends_in_a_404_after_the_resolve_timeout(peers: Peers) -> None:
     node = Node(peers, {})
@@ -692,3 +695,211 @@ def test_a_node_that_forwards_is_ready_only_once_it_knows_a_peer(peers: Peers) -
     assert result_of(alone.get("/readyz")).code == 503
     with_peer = Node(peers, {LAYER_DIGEST: ["10.0.0.2:5000"]})
     assert result_of(with_peer.get("/readyz")).code == 200
+
+
+class Trickle(Resource):
+    """A peer that declares the whole layer and sends one byte every 4 s."""
+
+    isLeaf = True
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def render(self, request: Any) -> Any:
+        request.setHeader(b"content-length", b"%d" % len(LAYER))
+        request.setHeader(b"docker-content-digest", LAYER_DIGEST.encode())
+        self.send(request, 0)
+        return NOT_DONE_YET
+
+    def send(self, request: Any, at: int) -> None:
+        if request.finished or request._disconnected:
+            return
+        request.write(LAYER[at : at + 1])
+        self.clock.callLater(4.0, self.send, request, at + 1)
+
+
+def test_a_peer_that_trickles_is_left_for_the_next_after_one_pace_window(peers: Peers) -> None:
+    node = Node(peers, {LAYER_DIGEST: ["10.0.0.2:5000", "10.0.0.3:5000"]}, min_throughput=1e6)
+    peers.add("10.0.0.2:5000", Trickle(node.clock))
+    peers.add("10.0.0.3:5000", peer_registry(LAYER))
+    peers.stubs.pop("10.0.0.3:5000")  # C is out while the first request goes to A
+    response = result_of(node.get(BLOB_PATH))
+    peers.add("10.0.0.3:5000", peer_registry(LAYER))
+    content = treq.content(response)
+    for _ in range(99):
+        node.advance(0.1)
+    assert not fired(content), "within the first window the trickle is tolerated"
+    for _ in range(5):
+        node.advance(0.1)
+
+    assert result_of(content) == LAYER
+    assert node.mirror.health.quarantined(("10.0.0.2", 5000))
+    assert node.mirror.counters["resumed"] == 1
+
+
+class Lying(Scripted):
+    """Declares what it is told instead of the truth."""
+
+    def __init__(self, headers: dict[bytes, bytes], code: int = 200, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.lie = headers
+        self.code = code
+
+    def render(self, request: Any) -> Any:
+        body = super().render(request)
+        request.setResponseCode(self.code)
+        for name, value in self.lie.items():
+            request.setHeader(name, value)
+        return body
+
+
+@pytest.mark.parametrize(
+    ("lie", "code"),
+    [
+        ({b"content-range": b"bytes 0-49/300000"}, 206),
+        ({b"content-range": b"bytes 5-99/300000"}, 206),
+    ],
+)
+def test_a_partial_answer_that_does_not_hold_what_it_says_is_refused(
+    peers: Peers, lie: dict[bytes, bytes], code: int
+) -> None:
+    peers.add("10.0.0.2:5000", Lying(lie, code, data=LAYER))
+    peers.add("10.0.0.3:5000", peer_registry(LAYER))
+    node = Node(peers, {LAYER_DIGEST: ["10.0.0.2:5000", "10.0.0.3:5000"]})
+
+    response, body = node.body(node.get(BLOB_PATH, range="bytes=0-99"))
+
+    assert (response.code, body) == (206, LAYER[:100])
+    assert node.mirror.health.quarantined(("10.0.0.2", 5000))
+
+
+def test_a_manifest_larger_than_any_manifest_is_refused_before_a_byte_moves(
+    peers: Peers,
+) -> None:
+    class Huge(Resource):
+        isLeaf = True
+
+        def render(self, request: Any) -> Any:
+            request.setHeader(b"content-length", b"1000000000000")
+            request.write(b"{")
+            return NOT_DONE_YET
+
+    peers.add("10.0.0.2:5000", Huge())
+    peers.add("10.0.0.3:5000", peer_registry(MANIFEST))
+    node = Node(peers, {MANIFEST_DIGEST: ["10.0.0.2:5000", "10.0.0.3:5000"]})
+
+    response, body = node.body(node.get(f"/v2/library/demo/manifests/{MANIFEST_DIGEST}?ns={NS}"))
+
+    assert (response.code, body) == (200, MANIFEST)
+    assert node.mirror.health.quarantined(("10.0.0.2", 5000))
+
+
+def test_a_resume_must_hold_exactly_the_missing_bytes(peers: Peers) -> None:
+    peers.add("10.0.0.2:5000", Scripted(cut=1000))
+    peers.add("10.0.0.3:5000", Lying({b"content-range": b"bytes 1000-1999/300000"}, 206))
+    peers.add("10.0.0.4:5000", peer_registry(LAYER))
+    node = Node(peers, {LAYER_DIGEST: ["10.0.0.2:5000", "10.0.0.3:5000", "10.0.0.4:5000"]})
+
+    assert node.download(BLOB_PATH) == LAYER
+    assert node.mirror.health.quarantined(("10.0.0.3", 5000))
+
+
+FORGED = MANIFEST.replace(b'"layers": []', b'"layers": [] ')
+FORGED_DIGEST = "sha256:" + hashlib.sha256(FORGED).hexdigest()
+
+
+def test_providers_that_disagree_on_a_tag_send_containerd_to_the_registry(peers: Peers) -> None:
+    peers.add("10.0.0.2:5000", peer_registry(FORGED, images={NAME: FORGED_DIGEST}))
+    peers.add("10.0.0.3:5000", peer_registry(MANIFEST, images={NAME: MANIFEST_DIGEST}))
+    node = Node(peers, {NAME: ["10.0.0.2:5000", "10.0.0.3:5000"]})
+
+    response, _ = node.body(node.get(f"/v2/library/demo/manifests/v1?ns={NS}", "HEAD"))
+
+    assert response.code == 404
+    assert node.mirror.counters["tag_disagreement"] == 1
+
+
+def test_providers_that_agree_on_a_tag_resolve_it(peers: Peers) -> None:
+    for address in ("10.0.0.2:5000", "10.0.0.3:5000"):
+        peers.add(address, peer_registry(MANIFEST, images={NAME: MANIFEST_DIGEST}))
+    node = Node(peers, {NAME: ["10.0.0.2:5000", "10.0.0.3:5000"]})
+
+    response, _ = node.body(node.get(f"/v2/library/demo/manifests/v1?ns={NS}", "HEAD"))
+
+    assert response.code == 200
+    assert response.headers.getRawHeaders("docker-content-digest") == [MANIFEST_DIGEST]
+    assert sorted(peers.asked()) == ["10.0.0.2:5000", "10.0.0.3:5000"]
+
+
+def test_a_trickling_peer_stays_last_though_seen_alive(peers: Peers) -> None:
+    node = Node(peers, {LAYER_DIGEST: ["10.0.0.2:5000", "10.0.0.3:5000"]}, min_throughput=1e6)
+    peers.add("10.0.0.2:5000", Trickle(node.clock))
+    peers.add("10.0.0.3:5000", peer_registry(LAYER))
+    peers.stubs.pop("10.0.0.3:5000")
+    response = result_of(node.get(BLOB_PATH))
+    peers.add("10.0.0.3:5000", peer_registry(LAYER))
+    content = treq.content(response)
+    for _ in range(105):
+        node.advance(0.1)
+    assert result_of(content) == LAYER
+
+    node.mirror.health.alive(("10.0.0.2", 5000))
+
+    assert node.mirror.health.quarantined(("10.0.0.2", 5000))
+
+
+@implementer(ILookup)
+class BusyLookup:
+    """A DHT search whose nodes answer late: the provider comes after ``delay``."""
+
+    def __init__(self, clock: Clock, provider: tuple[str, int] | None, delay: float) -> None:
+        self.clock = clock
+        self.provider = provider
+        self.delay = delay
+        self.given = False
+
+    def next_provider(self) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        if self.given or self.provider is None:
+            return d
+        self.given = True
+        self.clock.callLater(self.delay, d.callback, self.provider)
+        return d
+
+    def cancel(self) -> None:
+        pass
+
+    def answering(self) -> bool:
+        return True
+
+
+def test_a_lookup_whose_nodes_answer_late_is_waited_for(peers: Peers) -> None:
+    peers.add("10.0.0.2:5000", peer_registry(LAYER))
+    node = Node(peers, {})
+    lookup = BusyLookup(node.clock, ("10.0.0.2", 5000), 0.3)
+    node.mirror._router.lookup = lambda key, count: lookup  # type: ignore[method-assign]
+
+    response_d = node.get(BLOB_PATH)
+    for _ in range(2):
+        node.advance(0.1)
+    assert not fired(response_d), "past mirror-resolve-timeout, but nodes have yet to answer"
+    node.advance(0.1)
+
+    response, body = node.body(response_d)
+    assert (response.code, body) == (200, LAYER)
+
+
+def test_a_lookup_still_waiting_after_a_second_is_a_404(peers: Peers) -> None:
+    node = Node(peers, {})
+    lookup = BusyLookup(node.clock, None, 0.0)
+    node.mirror._router.lookup = lambda key, count: lookup  # type: ignore[method-assign]
+
+    response_d = node.get(BLOB_PATH)
+    for _ in range(9):
+        node.advance(0.1)
+    assert not fired(response_d)
+    for _ in range(3):
+        node.advance(0.1)
+
+    assert result_of(response_d).code == 404

@@ -6,6 +6,7 @@ import os
 import re
 
 import pytest
+import twisted.web.http
 from treq.testing import StubTreq
 from twisted.internet.defer import fail, succeed
 from twisted.internet.error import ConnectionLost
@@ -327,3 +328,26 @@ def test_a_url_that_is_not_utf8_gets_the_oci_error_not_a_traceback(store):
     assert status == b"HTTP/1.1 400 Bad Request"
     assert headers[b"content-type"] == b"application/json"
     assert errors(body) == ["NAME_INVALID"]
+
+
+def test_a_request_body_is_dropped_as_it_arrives_never_spooled(store, image):
+    body = b"x" * (4 * 1024 * 1024)
+    digest = digest_of(image.manifest)
+    status, _, _ = raw_exchange(
+        store,
+        b"GET /v2/library/demo/manifests/%s?ns=registry.test HTTP/1.1\r\nHost: n\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (digest.encode(), len(body), body),
+    )
+    assert status == b"HTTP/1.1 200 OK"
+
+
+def test_a_request_body_never_reaches_a_temporary_file(store, image, monkeypatch):
+    def spool(length):
+        raise AssertionError(f"Twisted was asked to keep a {length}-byte body")
+
+    monkeypatch.setattr(twisted.web.http, "_getContentFile", spool)
+    status, _, _ = raw_exchange(
+        store,
+        b"GET /v2/ HTTP/1.1\r\nHost: n\r\nContent-Length: 1000000\r\n\r\n" + b"y" * 1_000_000,
+    )
+    assert status == b"HTTP/1.1 200 OK"

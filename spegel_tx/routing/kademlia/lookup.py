@@ -75,6 +75,11 @@ class Search:
         self._step()
         return self._finished
 
+    @property
+    def awaiting(self) -> bool:
+        """Requests are out whose answers have neither come nor timed out."""
+        return not self.done and self._in_flight > 0
+
     def listen(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` whenever a provider is found or the search ends."""
         self._listeners.append(listener)
@@ -202,3 +207,6 @@ class ProviderLookup:
     def cancel(self) -> None:
         self._cancelled = True
         self._changed()
+
+    def answering(self) -> bool:
+        return not self._cancelled and self._search.awaiting
