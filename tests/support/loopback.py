@@ -50,12 +50,12 @@ def _addresses() -> Iterator[str]:
             yield f"{prefix}.{last}"
 
 
-def _claim_block() -> str:
+def _claim_block(draw: random.Random | None = None) -> str:
     """Lock a free block 127.a.b.0/24 for this process and return ``127.a.b``."""
     LOCK_DIR.mkdir(exist_ok=True)
     if LOCK_DIR.stat().st_uid == os.getuid():
         LOCK_DIR.chmod(0o1777)  # Runs as other users may claim blocks too.
-    draw = random.SystemRandom()
+    draw = draw or random.SystemRandom()
     for _ in range(1000):
         prefix = f"127.{draw.randint(1, 254)}.{draw.randint(0, 255)}"
         lock = open(LOCK_DIR / f"{prefix}.lock", "ab")  # noqa: SIM115 (held until exit)
