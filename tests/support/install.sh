@@ -43,8 +43,8 @@ install_project() {
         find pyproject.toml setup.cfg spegel_tx twisted -type f \
             ! -name '*.pyc' ! -name dropin.cache | LC_ALL=C sort | xargs sha256sum
     } | sha256sum | cut -c1-64)
-    mkdir -p "$(dirname "$venv")"
-    exec 9>"$venv.lock"
+    mkdir -p "$venv"
+    exec 9>"$venv/spegel-tx-install.lock"
     flock 9 # Two scripts started at once install once.
     if ! _project_runs "$venv" "$stamp"; then
         echo "==> installing spegel-tx$extras from $ROOT into $venv"
