@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import ipaddress
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -69,19 +70,24 @@ def test_a_block_is_held_by_one_process_until_it_dies(other_run):
 
 
 class Draws:
-    """A random source whose first draws name ``first``'s block, then another."""
+    """Random draws whose first two name ``first``'s block."""
 
     def __init__(self, first: str) -> None:
         _, a, b = first.split(".")
-        self.numbers = [int(a), int(b), int(a), int(b), 200, 201]
+        self.numbers = [int(a), int(b)]
+        self.rest = random.SystemRandom()
 
     def randint(self, low: int, high: int) -> int:
-        return self.numbers.pop(0)
+        return self.numbers.pop(0) if self.numbers else self.rest.randint(low, high)
 
 
 def test_a_block_another_run_holds_is_drawn_again(other_run):
     _, host = other_run
     taken = block_of(host)
     draws = Draws(taken)
-    assert loopback._claim_block(draws) == "127.200.201"  # type: ignore[arg-type]
-    assert draws.numbers == [], "the held block was drawn twice and passed over"
+    claimed = loopback._claim_block(draws)  # type: ignore[arg-type]
+    assert draws.numbers == [], "the held block was drawn first"
+    assert claimed != taken
+    lock_file = loopback.LOCK_DIR / f"{claimed}.lock"
+    with open(lock_file, "ab") as lock, pytest.raises(BlockingIOError):
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # this process holds it now
