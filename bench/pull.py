@@ -4,8 +4,8 @@
 
 Needs root (tc), Debian's containerd, docker-registry, skopeo and curl. Starts
 the test suite's three-node cluster (tests/support/cluster.py: an upstream
-docker-registry on 127.0.0.30 holding a 105 MiB four-layer image, nodes A, B,
-C on 127.0.0.31-33), lets A pull the image, then times node B's containerd
+docker-registry holding a 105 MiB four-layer image and nodes A, B, C, each on
+a loopback address of its own), lets A pull the image, then times node B's containerd
 getting it, B's copy removed between rounds, in two ways: ``ctr images pull``
 (what CRI does: fetch, then unpack) and ``ctr content fetch`` (fetch only, so
 containerd's unpack does not hide what the transfer costs; timed to the moment
@@ -13,7 +13,7 @@ containerd committed the last blob, since ctr only returns on its progress
 display's next 100 ms tick). Each way in three cases:
 
   (a) straight from the upstream, limited to 100 Mbit/s by an htb class on the
-      loopback that shapes only what 127.0.0.30 sends;
+      loopback that shapes only what the upstream's address sends;
   (b) through B's spegel-tx, which forwards to A, with the upstream still limited;
   (c) straight from the upstream, unlimited: containerd's own ingest speed.
 
@@ -45,7 +45,7 @@ from typing import NoReturn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support.cluster import UPSTREAM_HOST, MirrorCluster, running_cluster  # noqa: E402
+from tests.support.cluster import MirrorCluster, running_cluster  # noqa: E402
 
 LIMIT = "100mbit"
 LIMITED_CLASS = "1:20"
@@ -72,7 +72,7 @@ def tc(*args: str) -> None:
 
 
 @contextmanager
-def upstream_limited() -> Iterator[None]:
+def upstream_limited(cluster: MirrorCluster) -> Iterator[None]:
     """Shape what the upstream sends to LIMIT with htb on the loopback.
 
     Only packets from the upstream's address are classified; htb sends
@@ -86,7 +86,7 @@ def upstream_limited() -> Iterator[None]:
         )  # fmt: skip
         tc(
             "filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1",
-            "u32", "match", "ip", "src", f"{UPSTREAM_HOST}/32", "flowid", LIMITED_CLASS,
+            "u32", "match", "ip", "src", f"{cluster.upstream.host}/32", "flowid", LIMITED_CLASS,
         )  # fmt: skip
         yield
     finally:
@@ -167,14 +167,14 @@ def measure(cluster: MirrorCluster, rounds: int) -> None:
         time.sleep(0.2)
 
     ways = (PULL, FETCH)
-    with upstream_limited():
+    with upstream_limited(cluster):
         limited = {way: timed_pulls(cluster, pull_direct, way, min(rounds, 2)) for way in ways}
     mirrored: dict[Way, list[float]] = {way: [] for way in ways}
     local: dict[Way, list[float]] = {way: [] for way in ways}
     upstream_blobs = dict.fromkeys(ways, 0)
     for _ in range(rounds):
         for way in ways:
-            with upstream_limited():
+            with upstream_limited(cluster):
                 since = cluster.upstream.log_offset()
                 mirrored[way] += timed_pulls(cluster, pull_through_spegel, way, 1)
                 requests = cluster.upstream.requests(since)

@@ -10,12 +10,22 @@ from subprocess import Popen
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.support.cluster import MirrorCluster, running_cluster
 from tests.support.containerd import Containerd, running_containerd
+from tests.support.loopback import loopback_host
 from tests.support.ociimage import SyntheticImage, build_image
 from tests.support.processes import start_spegel, stop_process, wait_for_http
 from tests.support.registry import DockerRegistry
+
+# Hypothesis's timing checks measure the machine, not the code: with another copy of the
+# suite busy on the same cores, generating examples is "too slow" and examples overrun
+# their deadline. Both are off; every example still asserts all it asserts.
+settings.register_profile(
+    "shared-machine", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("shared-machine")
 
 
 def require(*tools: str) -> None:
@@ -60,12 +70,13 @@ def docker_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docker
 
 @pytest.fixture(scope="session")
 def mirror_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MirrorCluster]:
-    """Nodes A, B and C (127.0.0.31-33), each an empty private containerd with
+    """Nodes A, B and C, each an empty private containerd with
     ``twistd -n spegel`` beside it, all bootstrapping the DHT from A (A also
     names B and C, to rejoin after a restart); their
     containerd pulls through their own node (hosts.toml from ``spegel-tx
-    configuration``) and falls back to an upstream docker-registry on
-    127.0.0.30 holding a 105 MiB image ``big`` and small ``other`` and ``small``.
+    configuration``) and falls back to an upstream docker-registry holding a
+    105 MiB image ``big`` and small ``other`` and ``small``; each process on a
+    loopback address of its own (``loopback_host``).
     """
     require("containerd", "ctr", "docker-registry", "skopeo")
     with running_cluster(tmp_path_factory.mktemp("mirror-cluster")) as cluster:
@@ -108,8 +119,9 @@ class Node:
 
 @pytest.fixture
 def spegel_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
-    """Start nodes with ``spegel_node(containerd, host="127.0.0.N", **extra_keys)``;
-    it returns once ``/readyz`` (or with ``wait_ready=False``, ``/livez``) answers.
+    """Start nodes with ``spegel_node(containerd, **extra_keys)``, each on a loopback
+    address of its own (or on ``host=``); it returns once ``/readyz`` (or with
+    ``wait_ready=False``, ``/livez``) answers.
 
     Runs the working tree's code (PYTHONPATH), logs JSON lines to a file, and
     stops every node by PID when the test ends.
@@ -117,8 +129,9 @@ def spegel_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
     nodes: list[Node] = []
 
     def start(
-        containerd: Containerd, host: str = "127.0.0.1", wait_ready: bool = True, **extra: Any
+        containerd: Containerd, host: str | None = None, wait_ready: bool = True, **extra: Any
     ) -> Node:
+        host = host or loopback_host()
         keys = containerd.node_keys(host) | {
             key.replace("_", "-"): value for key, value in extra.items()
         }

@@ -2,18 +2,18 @@
 
 Starts a private containerd under a temporary directory (the machine's own
 containerd, if any, is not touched), imports a generated three-layer image,
-runs ``twistd -n spegel`` against it on 127.0.0.1, pulls the image back
-through it with skopeo and with ctr, prints the request log, and stops
-everything. Run from a checkout, as root: ``bash deploy/examples/demo.sh``.
+runs ``twistd -n spegel`` against it, pulls the image back through it with
+skopeo and with ctr, prints the request log, and stops everything. The node's
+registry, router and metrics listen on a loopback address of the demo's own, on
+free ports, so the demo runs beside anything on :5000, :5001 or :9090. Run as
+root: ``bash deploy/examples/demo.sh``.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -21,22 +21,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
 
+from deploy.examples.story import run_story, step  # noqa: E402
 from tests.support.containerd import Containerd  # noqa: E402
+from tests.support.loopback import loopback_host  # noqa: E402
 from tests.support.ociimage import build_image  # noqa: E402
-from tests.support.processes import (  # noqa: E402
-    free_port,
-    start_spegel,
-    stop_process,
-    wait_for_http,
-)
+from tests.support.processes import start_spegel, stop_process, wait_for_http  # noqa: E402
 
 
-def step(text: str) -> None:
-    print(f"\n==> {text}", flush=True)
-
-
-def main() -> None:
-    work = Path(tempfile.mkdtemp(prefix="spegel-demo-"))
+def main(work: Path) -> None:
     containerd = Containerd(work / "containerd")
     node = None
     try:
@@ -49,18 +41,16 @@ def main() -> None:
         containerd.ctr("images", "import", str(image.archive))
         print(containerd.ctr("images", "ls", "-q"))
 
-        port = free_port("127.0.0.1")
-        step(f"running: twistd -n spegel --config node.yaml  (registry on 127.0.0.1:{port})")
-        keys = {
-            "registry-addr": f"127.0.0.1:{port}",
-            "containerd-sock": containerd.address,
-            "containerd-content-path": containerd.content_path,
-        }
-        node, log_path = start_spegel(keys, work)
-        wait_for_http(f"http://127.0.0.1:{port}/readyz", node, log_path, timeout=30)
+        keys = containerd.node_keys(loopback_host())
+        address = keys["registry-addr"]
+        step(f"running: twistd -n spegel --config node.yaml  (registry on {address})")
+        print(f"node.yaml: registry-addr {address}, router-addr {keys['router-addr']}, ", end="")
+        print(f"metrics-addr {keys['metrics-addr']}")
+        node, log_path = start_spegel(keys, work / "node")
+        wait_for_http(f"http://{address}/readyz", node, log_path, timeout=30)
         print("ready: GET /readyz answered 200")
 
-        url = f"http://127.0.0.1:{port}/v2/library/demo/manifests/v1?ns=registry.example"
+        url = f"http://{address}/v2/library/demo/manifests/v1?ns=registry.example"
         step(f"what containerd asks first: HEAD {url}")
         with urllib.request.urlopen(urllib.request.Request(url, method="HEAD")) as response:
             for header in ("Content-Type", "Docker-Content-Digest", "Content-Length"):
@@ -68,26 +58,26 @@ def main() -> None:
 
         step("skopeo copies the image out of spegel-tx")
         started = time.monotonic()
-        subprocess.run(
+        copied = subprocess.run(
             [
                 "skopeo",
+                "--insecure-policy",
                 "copy",
                 "--src-tls-verify=false",
-                f"docker://127.0.0.1:{port}/library/demo:v1",
+                f"docker://{address}/library/demo:v1",
                 f"oci:{work / 'copy'}:v1",
             ],
-            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
+        if copied.returncode != 0:
+            raise RuntimeError(f"skopeo copy failed: {copied.stderr.strip()}")
         print(f"copied in {time.monotonic() - started:.2f}s")
 
         step("ctr pulls it through spegel-tx into another namespace")
-        containerd.ctr(
-            "images",
-            "pull",
-            "--plain-http",
-            f"127.0.0.1:{port}/library/demo:v1",
-            namespace="demo-pull",
-        )
+        reference = f"{address}/library/demo:v1"
+        containerd.ctr("images", "pull", "--plain-http", reference, namespace="demo-pull")
         print(containerd.ctr("images", "ls", "-q", namespace="demo-pull"))
 
         step("the request log (one JSON line per request; method status bytes time handler)")
@@ -95,13 +85,12 @@ def main() -> None:
             record = json.loads(line)
             if record.get("namespace") == "spegel_tx.access":
                 print(record["msg"])
-        print("\nspegel-tx served the node's containerd content. Everything is stopped now.")
     finally:
         if node is not None:
             stop_process(node)
         containerd.stop()
-        shutil.rmtree(work, ignore_errors=True)
+    print("\nspegel-tx served the node's containerd content. Everything is stopped now.")
 
 
 if __name__ == "__main__":
-    main()
+    run_story(main, "spegel-demo-")

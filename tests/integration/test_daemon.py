@@ -31,7 +31,7 @@ def wait_for_status(url: str, expected: int, timeout: float = 30.0) -> None:
 def test_node_waits_for_containerd_and_follows_it(spegel_node, tmp_path, demo_image):
     require("containerd", "ctr")
     containerd = Containerd(tmp_path / "late-containerd")
-    node = spegel_node(containerd, host="127.0.0.3", wait_ready=False)
+    node = spegel_node(containerd, wait_ready=False)
     try:
         assert status(f"{node.url}/readyz") == 503
         assert status(f"{node.url}/livez") == 200

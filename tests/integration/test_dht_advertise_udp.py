@@ -1,4 +1,4 @@
-"""Advertising thousands of keys at once over real UDP sockets on 127.0.4.x.
+"""Advertising thousands of keys at once over real UDP sockets, on 20 loopback addresses.
 
 One node of 20 places 10,000 keys on its peers in a single ``advertise`` call, as a node
 does at start for everything its containerd holds. Every record must arrive and
@@ -22,24 +22,23 @@ from spegel_tx.routing.kademlia.node import key_id
 from spegel_tx.routing.kademlia.protocol import KademliaProtocol
 from spegel_tx.routing.kademlia.router import KademliaRouter
 from spegel_tx.testing import FixedBootstrapper
-from tests.support.processes import free_ports
+from tests.support.loopback import loopback_hosts
 
 pytestmark = pytest.mark.integration
 
-HOSTS = [f"127.0.4.{n}" for n in range(1, 21)]
 KEYS = [f"sha256:{random.Random(n).randbytes(32).hex()}" for n in range(10000)]
 
 
 @pytest.fixture
 def routers() -> Iterator[list[KademliaRouter]]:
     started: list[tuple[KademliaRouter, object]] = []
-    seed = (HOSTS[0], free_ports(HOSTS[0], 1)[0])
-    for index, host in enumerate(HOSTS):
-        port = seed[1] if index == 0 else free_ports(host, 1)[0]
+    seed: list[tuple[str, int]] = []  # Every node but the first bootstraps from the first.
+    for index, host in enumerate(loopback_hosts(20)):
         protocol = KademliaProtocol(reactor, random.Random(index).randbytes(32), 5000)
-        listening = reactor.listenUDP(port, protocol, interface=host)
-        peers = [] if index == 0 else [seed]
-        router = KademliaRouter(reactor, protocol, FixedBootstrapper(peers), port)
+        listening = reactor.listenUDP(0, protocol, interface=host)
+        port = listening.getHost().port
+        router = KademliaRouter(reactor, protocol, FixedBootstrapper(seed), port)
+        seed = seed or [(host, port)]
         router.startService()
         started.append((router, listening))
     yield [router for router, _ in started]

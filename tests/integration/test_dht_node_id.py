@@ -15,13 +15,11 @@ from typing import Any
 
 import pytest
 
+from tests.support.loopback import loopback_host
 from tests.support.processes import poll, stop_process
 
 pytestmark = pytest.mark.integration
 
-RESTARTED_HOST = "127.0.0.21"
-WITNESS_HOST = "127.0.0.22"
-EPHEMERAL_HOST = "127.0.0.23"
 NODE_ID_FILE = "node-id"
 
 
@@ -48,26 +46,26 @@ def test_node_with_data_dir_keeps_its_id_across_a_restart(
 ) -> None:
     data_dir = tmp_path / "spegel-data"
     id_file = data_dir / NODE_ID_FILE
+    restarted_host = loopback_host()
 
-    first = spegel_node(containerd, host=RESTARTED_HOST, wait_ready=False, data_dir=str(data_dir))
+    first = spegel_node(containerd, host=restarted_host, wait_ready=False, data_dir=str(data_dir))
     node_id = debug_peers(first)["node_id"]
     assert re.fullmatch(r"[0-9a-f]{64}", node_id), "a 256-bit id, as 64 hex digits"
     assert id_file.read_text().strip() == node_id, "the id is written to data-dir"
 
     witness = spegel_node(
         containerd,
-        host=WITNESS_HOST,
         wait_ready=False,
         static_bootstrap_peers=first.router_address,
     )
-    assert poll(lambda: ids_at(witness, RESTARTED_HOST)) == {first.router_address: node_id}
+    assert poll(lambda: ids_at(witness, restarted_host)) == {first.router_address: node_id}
 
     stop_process(first.process)
     assert first.process.returncode is not None
 
     restarted = spegel_node(
         containerd,
-        host=RESTARTED_HOST,
+        host=restarted_host,
         wait_ready=False,
         data_dir=str(data_dir),
         static_bootstrap_peers=witness.router_address,
@@ -79,17 +77,18 @@ def test_node_with_data_dir_keeps_its_id_across_a_restart(
     # The witness hears the restarted node on its new router port: the contact it holds
     # for that host is refreshed from the restarted node's own datagrams, under the old id.
     # (Were the id new, the witness would hold two ids for the host, or a new one.)
-    assert poll(lambda: restarted.router_address in ids_at(witness, RESTARTED_HOST))
-    assert ids_at(witness, RESTARTED_HOST) == {restarted.router_address: node_id}
+    assert poll(lambda: restarted.router_address in ids_at(witness, restarted_host))
+    assert ids_at(witness, restarted_host) == {restarted.router_address: node_id}
 
 
 def test_node_without_data_dir_draws_a_new_id_on_every_start(
     spegel_node: Callable[..., Any], containerd: Any
 ) -> None:
-    first = spegel_node(containerd, host=EPHEMERAL_HOST, wait_ready=False)
+    host = loopback_host()
+    first = spegel_node(containerd, host=host, wait_ready=False)
     first_id = debug_peers(first)["node_id"]
     stop_process(first.process)
-    second = spegel_node(containerd, host=EPHEMERAL_HOST, wait_ready=False)
+    second = spegel_node(containerd, host=host, wait_ready=False)
     second_id = debug_peers(second)["node_id"]
 
     assert re.fullmatch(r"[0-9a-f]{64}", first_id)

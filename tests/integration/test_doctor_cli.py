@@ -16,6 +16,7 @@ import yaml
 
 from tests.conftest import require
 from tests.support.containerd import Containerd
+from tests.support.loopback import loopback_host
 from tests.support.processes import (
     poll,
     spegel_tx_cli,
@@ -26,8 +27,6 @@ from tests.support.processes import (
 
 pytestmark = pytest.mark.integration
 
-HOSTS = ("127.0.0.51", "127.0.0.52")
-IDLE_HOST = "127.0.0.53"
 SECRET = "doctor-test-cluster-secret"
 DISCARDING = """\
 [plugins."io.containerd.grpc.v1.cri".containerd]
@@ -48,8 +47,8 @@ def node(containerd: Containerd, tmp_path_factory: pytest.TempPathFactory) -> It
     base = tmp_path_factory.mktemp("doctor")
     secret_file = base / "router-secret"
     secret_file.write_text(SECRET)
-    first = containerd.node_keys(HOSTS[0]) | {"router-secret-file": str(secret_file)}
-    second = containerd.node_keys(HOSTS[1]) | {
+    first = containerd.node_keys(loopback_host()) | {"router-secret-file": str(secret_file)}
+    second = containerd.node_keys(loopback_host()) | {
         "router-secret-file": str(secret_file),
         "static-bootstrap-peers": [first["router-addr"]],
     }
@@ -196,7 +195,7 @@ def test_the_expected_hosts_files_follow_the_mirrored_registries(containerd, nod
 
 
 def test_spegel_tx_not_running(containerd, node, tmp_path):
-    keys = containerd.node_keys(IDLE_HOST)
+    keys = containerd.node_keys(loopback_host())
     idle = tmp_path / "node.yaml"
     idle.write_text(yaml.safe_dump(keys))
     code, lines = doctor(containerd, idle)

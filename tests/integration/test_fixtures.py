@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.containerd import Containerd, running_containerd
+from tests.support.loopback import loopback_host
 from tests.support.ociimage import OCI_INDEX, OCI_MANIFEST, SyntheticImage
 from tests.support.processes import (
     free_port,
@@ -87,7 +88,7 @@ def test_docker_registry_serves_the_pushed_image(
 
 
 def test_processes_are_waited_for_and_stopped_by_pid(tmp_path: Path) -> None:
-    host = "127.0.0.9"
+    host = loopback_host()
     port = free_port(host)
     server = (
         "import http.server, sys\n"
@@ -110,6 +111,7 @@ def test_a_dead_process_fails_the_wait_with_its_log(tmp_path: Path) -> None:
     process = start_process([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], log)
     try:
         with pytest.raises(RuntimeError, match="boom"):
-            wait_for_http(f"http://127.0.0.1:{free_port()}/", process, log, timeout=10)
+            host = loopback_host()
+            wait_for_http(f"http://{host}:{free_port(host)}/", process, log, timeout=10)
     finally:
         stop_process(process)

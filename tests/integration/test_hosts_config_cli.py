@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.loopback import loopback_host
 from tests.support.processes import free_port, spegel_tx_cli
 
 pytestmark = pytest.mark.integration
@@ -110,10 +111,12 @@ def test_a_directory_that_cannot_be_written_exits_1_with_one_line(tmp_path):
 def tagged_image(containerd, demo_image):
     """The demo image in a namespace of its own, also named after a closed loopback port.
 
-    A pull of that name that misses the mirror falls back to a refused connection
-    on 127.0.0.1, never to the network. Both namespaces are emptied afterwards.
+    A pull of that name that misses the mirror falls back to a refused connection on
+    a loopback address of this run's own, never to the network. Both namespaces are
+    emptied afterwards.
     """
-    upstream = f"127.0.0.1:{free_port()}"
+    host = loopback_host()
+    upstream = f"{host}:{free_port(host)}"
     name = f"{upstream}/{demo_image.repository}:{demo_image.tag}"
     source, target = "hostsconfig-src", "hostsconfig-dst"
     containerd.ctr("images", "import", str(demo_image.archive), namespace=source)
@@ -140,7 +143,7 @@ def test_ctr_pulls_through_the_mirror_the_generated_file_names(
     spegel_node, containerd, tagged_image, tmp_path, mirrored
 ):
     upstream, name, source, target = tagged_image
-    node = spegel_node(containerd, host="127.0.0.3", containerd_namespace=source)
+    node = spegel_node(containerd, containerd_namespace=source)
     certs = tmp_path / "certs.d"
     registries = ["--mirrored-registries", f"http://{upstream}"] if mirrored == "upstream" else []
     result = spegel_tx_cli(
@@ -164,7 +167,7 @@ def test_without_resolve_tags_containerd_asks_the_upstream_for_the_tag(
     spegel_node, containerd, tagged_image, tmp_path
 ):
     _, name, source, target = tagged_image
-    node = spegel_node(containerd, host="127.0.0.3", containerd_namespace=source)
+    node = spegel_node(containerd, containerd_namespace=source)
     certs = tmp_path / "certs.d"
     result = spegel_tx_cli(
         "configuration",

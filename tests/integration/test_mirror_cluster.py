@@ -1,9 +1,9 @@
 """Peer-to-peer mirroring, proven on three real nodes (the issue's scenarios, in order).
 
-Nodes A, B and C (127.0.0.31-33) each run a private containerd and ``twistd -n
-spegel``; containerd pulls with the ``hosts.toml`` that ``spegel-tx
+Nodes A, B and C, each on a loopback address of its own, run a private containerd
+and ``twistd -n spegel``; containerd pulls with the ``hosts.toml`` that ``spegel-tx
 configuration`` wrote, so it asks its own node first and falls back to the
-upstream docker-registry (127.0.0.30) on a 404. The image is 105 MiB in four
+upstream docker-registry on a 404. The image is 105 MiB in four
 layers, one of 64 MiB.
 
 The scenarios share one cluster and run in order, but each first puts the

@@ -9,6 +9,7 @@ import urllib.request
 import yaml
 
 import spegel_tx
+from tests.support.loopback import loopback_host
 from tests.support.processes import free_ports, start_process, stop_process, wait_for_http
 
 DISCOVER = """
@@ -59,7 +60,7 @@ def test_twistd_refuses_a_bad_config_with_one_line(tmp_path):
 
 def test_the_installed_package_serves_the_debug_page(tmp_path):
     """The page's files are package data: a node installed with pip must serve them too."""
-    host = "127.0.0.1"
+    host = loopback_host()
     registry, router, metrics = free_ports(host, 3)
     config = tmp_path / "node.yaml"
     keys = {

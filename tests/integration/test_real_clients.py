@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def node(spegel_node, containerd):
-    return spegel_node(containerd, host="127.0.0.2")
+    return spegel_node(containerd)
 
 
 def skopeo_copy(source: str, destination: Path) -> None:

@@ -1,8 +1,8 @@
 """A three-node spegel-tx cluster on one machine, pulling through a real upstream registry.
 
 Each node is what a Kubernetes node runs: a private containerd (its own root,
-socket and ``certs.d``) and a ``twistd -n spegel`` beside it on its own
-127.0.0.x address, with containerd's ``hosts.toml`` written by the real
+socket and ``certs.d``) and a ``twistd -n spegel`` beside it on a loopback
+address of its own (``loopback_host``), with containerd's ``hosts.toml`` written by the real
 ``spegel-tx configuration``. Nodes pull with ``ctr images pull --hosts-dir``,
 which sends what CRI sends (``?ns=``), so containerd asks its own spegel-tx
 first and falls back to the upstream on a 404. Every process is stopped by
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.containerd import Containerd
+from tests.support.loopback import loopback_host
 from tests.support.ociimage import SyntheticImage, build_image
 from tests.support.processes import (
     free_ports,
@@ -47,9 +48,7 @@ from tests.support.registry import DockerRegistry
 
 MiB = 1 << 20
 
-UPSTREAM_HOST = "127.0.0.30"
-NODE_HOSTS = {"A": "127.0.0.31", "B": "127.0.0.32", "C": "127.0.0.33"}
-"""Addresses no other test uses (they take .1-.3, .9, .11-.15 and .21-.23)."""
+NODE_NAMES = ("A", "B", "C")
 
 BIG_LAYERS = (64 * MiB, 32 * MiB, 8 * MiB, 1 * MiB)
 """105 MiB in four layers; the 64 MiB one is long enough to kill a peer in the middle of it."""
@@ -345,7 +344,7 @@ class MirrorCluster:
 
     def __init__(self, base: Path) -> None:
         self.base = base
-        self.upstream = DockerRegistry(base / "upstream", host=UPSTREAM_HOST, log_level="info")
+        self.upstream = DockerRegistry(base / "upstream", log_level="info")
         self.upstream_url = self.upstream.url
         images = base / "images"
         self.big = build_image(
@@ -355,9 +354,7 @@ class MirrorCluster:
             images / "other", self._name("library/other:v1"), (MiB, 2 * MiB), seed=2
         )
         self.small = build_image(images / "small", self._name("library/small:v1"), (MiB,), seed=3)
-        self.nodes = {
-            name: SpegelNode(name, host, base / name) for name, host in NODE_HOSTS.items()
-        }
+        self.nodes = {name: SpegelNode(name, loopback_host(), base / name) for name in NODE_NAMES}
 
     def _name(self, repository_and_tag: str) -> str:
         return f"{self.upstream.address}/{repository_and_tag}"

@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now at ``host``."""
+def free_port(host: str) -> int:
+    """A TCP port nothing listens on right now at ``host`` (take ``host`` from
+    ``loopback_host()``: then nothing else on the machine can take the port either)."""
     return free_ports(host, 1)[0]
 
 
@@ -123,33 +124,51 @@ def poll(check: Callable[[], T], timeout: float = 30.0, interval: float = 0.2) -
         time.sleep(interval)
 
 
+def _spegel_code() -> tuple[dict[str, str], Path]:
+    """The environment and working directory of a spegel-tx process a helper starts.
+
+    By default the working tree's code (``PYTHONPATH``), as the tests want. With
+    ``SPEGEL_TX_CODE=installed``, which the demo sets, whatever this interpreter has
+    installed, run from outside the tree so that nothing in it shadows the install.
+    """
+    code = os.environ.get("SPEGEL_TX_CODE", "tree")
+    if code == "tree":
+        return {**os.environ, "PYTHONPATH": str(ROOT)}, ROOT
+    if code == "installed":
+        env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+        return env, Path("/")
+    raise ValueError(f"SPEGEL_TX_CODE={code!r}: expected 'tree' or 'installed'")
+
+
 def spegel_tx_cli(
     *args: str, env: Mapping[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """The working tree's ``spegel-tx`` command line, as the console script runs it."""
+    """The ``spegel-tx`` command line, as the console script runs it."""
+    environment, cwd = _spegel_code()
     return subprocess.run(
         [sys.executable, "-m", "spegel_tx.cli", *args],
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        cwd=cwd,
+        env={**environment, **(env or {})},
     )
 
 
 def start_spegel(keys: Mapping[str, Any], workdir: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    """``twistd -n spegel`` on the working tree's code, with ``keys`` as its node.yaml in
-    ``workdir``; its log, one JSON object per line, is the returned path."""
+    """``twistd -n spegel`` with ``keys`` as its node.yaml in ``workdir``; its log, one
+    JSON object per line, is the returned path."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "node.yaml"
     config.write_text(yaml.safe_dump(dict(keys), sort_keys=False))
     log_path = workdir / "spegel.log"
     twistd = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
     logger = ["--logger", "spegel_tx.logs.json_observer"]
+    environment, _ = _spegel_code()
     process = start_process(
         [*twistd, "-n", "--pidfile=", *logger, "spegel", "--config", str(config)],
         log_path,
         cwd=workdir,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env=environment,
     )
     return process, log_path

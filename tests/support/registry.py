@@ -7,6 +7,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.loopback import loopback_host
 from tests.support.ociimage import SyntheticImage
 from tests.support.processes import free_port, start_process, stop_process, wait_for_http
 
@@ -41,11 +42,12 @@ class DockerRegistry:
     is ``host:port`` as it appears in image references.
     """
 
-    def __init__(self, base: Path, host: str = "127.0.0.1", log_level: str = "warn") -> None:
+    def __init__(self, base: Path, host: str | None = None, log_level: str = "warn") -> None:
+        """On ``host``, or on an address of this run's own (``loopback_host``)."""
         base.mkdir(parents=True, exist_ok=True)
-        self.host = host
-        self.port = free_port(host)
-        self.address = f"{host}:{self.port}"
+        self.host = host or loopback_host()
+        self.port = free_port(self.host)
+        self.address = f"{self.host}:{self.port}"
         self.url = f"http://{self.address}"
         self.log_path = base / "registry.log"
         self.config = base / "config.yml"

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The whole test suite on a Debian machine, as root, set-up included:
+#   bash tests/run.sh [pytest arguments]
+# It installs what is missing: with apt-get, containerd (with ctr), docker-registry,
+# skopeo, chromium, systemd (systemd-analyze) and python3-venv; with pip, the project
+# and its test extras into a virtualenv, $SPEGEL_TX_TEST_VENV (default .venv in the
+# checkout), again whenever the checkout's code has changed. Then it runs
+# `python -m pytest` from the checkout with that virtualenv first on PATH.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PROGRAM=tests/run.sh
+VENV=${SPEGEL_TX_TEST_VENV:-$ROOT/.venv}
+# shellcheck source=support/install.sh
+. "$ROOT/tests/support/install.sh"
+
+install_missing_packages containerd=containerd ctr=containerd docker-registry=docker-registry \
+    skopeo=skopeo chromium=chromium systemd-analyze=systemd
+install_project "$VENV" "[test]"
+
+cd "$ROOT"
+export PATH="$VENV/bin:$PATH"
+exec env -u PYTHONPATH "$VENV/bin/python" -m pytest "$@"
