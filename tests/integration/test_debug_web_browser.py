@@ -26,6 +26,7 @@ from tests.support.cluster import (
     start_without,
     wait_until_listed,
 )
+from tests.support.loopback import loopback_host
 from tests.support.processes import free_ports, start_spegel, stop_process, wait_for_http
 
 pytestmark = pytest.mark.integration
@@ -207,7 +208,7 @@ def test_at_1280_px_nothing_overflows_and_the_page_says_why_it_is_not_ready(
 ) -> None:
     """One real node with no containerd and an absent peer; then the same page fed the
     longest ids, names, addresses and errors a cluster gives."""
-    host = "127.0.0.1"
+    host = loopback_host()
     registry, router, metrics, absent = free_ports(host, 4)
     keys = {
         "registry-addr": f"{host}:{registry}",

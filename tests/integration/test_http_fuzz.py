@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import Node
 from tests.support.containerd import Containerd
+from tests.support.loopback import loopback_host
 from tests.support.ociimage import SyntheticImage
 
 pytestmark = pytest.mark.integration
@@ -126,15 +127,15 @@ def test_no_request_makes_a_5xx_a_traceback_or_a_leak(
     demo_image: SyntheticImage,
     spegel_node: Callable[..., Node],
 ) -> None:
+    host = loopback_host()
     node = spegel_node(
         containerd,
-        host="127.0.0.1",
-        static_bootstrap_peers=["127.0.0.1:9"],
+        host=host,
+        static_bootstrap_peers=[f"{host}:9"],
         mirrored_registries=[],
         wait_ready=False,
     )
-    host, port = node.address.rsplit(":", 1)
-    address = (host or "127.0.0.1", int(port))
+    address = (host, node.port)
     rng = random.Random(20261204)
     statuses: dict[int | None, int] = {}
     server_errors: list[tuple[bytes, int]] = []

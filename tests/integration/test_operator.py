@@ -20,6 +20,7 @@ import yaml
 
 from spegel_tx import __version__
 from tests.conftest import require
+from tests.support.loopback import loopback_host
 from tests.support.processes import (
     ROOT,
     free_ports,
@@ -33,7 +34,7 @@ from tests.support.processes import (
 
 pytestmark = pytest.mark.integration
 
-HOST = "127.0.0.1"
+HOST = loopback_host()
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 SPEGEL_TX = [sys.executable, "-m", "spegel_tx.cli"]
 JSON_LOGS = ["--logger", "spegel_tx.logs.json_observer"]

@@ -90,7 +90,7 @@ def test_the_installed_package_serves_the_debug_page(tmp_path):
 
 def test_the_console_script_runs_the_node_as_spegels_registry_subcommand(tmp_path):
     """What a Spegel DaemonSet's container runs with this image: `spegel-tx registry ...`."""
-    host = "127.0.0.1"
+    host = loopback_host()
     registry, router, metrics = free_ports(host, 3)
     log = tmp_path / "registry.log"
     process = start_process(
