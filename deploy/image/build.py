@@ -275,8 +275,10 @@ def download(work: Path, requirements: Path, machine: str, destination: Path) ->
     )
 
 
-def build_wheel(work: Path, pip_wheel: Path, destination: Path) -> None:
-    """From a copy of the sources, so a stale build/ in the tree cannot leak in."""
+def build_wheel(work: Path, pip_wheel: Path, destination: Path, epoch: int) -> None:
+    """From a copy of the sources, so a stale build/ in the tree cannot leak in; the
+    zip's times are SOURCE_DATE_EPOCH's, so the wheel's hash (which pip records in the
+    image) is the same from build to build."""
     source = work / "source"
     source.mkdir()
     for name in SOURCES:
@@ -294,6 +296,7 @@ def build_wheel(work: Path, pip_wheel: Path, destination: Path) -> None:
         "--no-deps",
         f"--wheel-dir={destination}",
         source,
+        env=os.environ | {"SOURCE_DATE_EPOCH": str(epoch)},
     )
 
 
@@ -597,7 +600,7 @@ def build_image(build: Build, output_dir: Path, keep: Path | None) -> Path:
         config = image_config(DOCKERFILE, build.build_args)
         shutil.copy2(pip_wheel, staging)
         download(work, HERE / "requirements.txt", build.machine, staging)
-        build_wheel(work, pip_wheel, staging)
+        build_wheel(work, pip_wheel, staging, build.epoch)
         for name in ("install.py", "requirements.txt"):
             shutil.copy2(HERE / name, staging)
 

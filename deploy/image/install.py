@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import compileall
 import os
+import pickle
 import py_compile
 import shutil
 import subprocess
@@ -150,6 +151,9 @@ def write_plugin_cache(plugins: Path) -> None:
     environment = os.environ | {"PYTHONDONTWRITEBYTECODE": "1"}
     subprocess.run(discover, check=True, env=environment)
     cache = plugins / "dropin.cache"
+    # Modules in name order, not the order the file system listed them in.
+    entries = pickle.loads(cache.read_bytes())
+    cache.write_bytes(pickle.dumps(dict(sorted(entries.items()))))
     os.utime(cache, (epoch, epoch))
     # A second discovery must find the cache current and leave it alone.
     before = cache.read_bytes()
