@@ -308,6 +308,10 @@ class PodNode:
         return f"http://{self.host}:{self.registry_port}"
 
     @property
+    def registry_address(self) -> str:
+        return f"{self.host}:{self.registry_port}"
+
+    @property
     def router_address(self) -> str:
         return f"{self.host}:{self.router_port}"
 
@@ -384,6 +388,7 @@ class PodNode:
             elif "emptyDir" in volume:
                 directory = self.base / "emptydir" / f"{name}-{secrets.token_hex(3)}"
                 directory.mkdir(parents=True)
+                directory.chmod(0o777)  # as the kubelet makes an emptyDir
                 sources[name] = directory
             else:
                 raise AssertionError(f"volume {name}: a kind this test does not mount")
