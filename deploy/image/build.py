@@ -113,6 +113,8 @@ MOUNT_POINTS = ("proc", "sys", "dev", "run", "tmp")
 ARCHITECTURES = {"amd64": "x86_64", "arm64": "aarch64"}
 LOADERS = {"amd64": "/lib64/ld-linux-x86-64.so.2", "arm64": "/lib/ld-linux-aarch64.so.1"}
 CHROOT_PATH = "/usr/local/bin:/usr/bin:/bin"
+STAGES = ("system", "dependencies", "package")
+"""install.py's steps; the last two each make a layer (the first completes the base)."""
 
 
 def platforms(machine: str) -> list[str]:
@@ -606,7 +608,7 @@ def build_image(build: Build, output_dir: Path, keep: Path | None) -> Path:
 
         root, debs = make_root(work, build)
         kept = trim_root(root, debs)
-        install(root, staging, "system", build)
+        install(root, staging, STAGES[0], build)
         layers_dir = work / "layers"
         layers_dir.mkdir()
         before = snapshot(root)
@@ -617,7 +619,7 @@ def build_image(build: Build, output_dir: Path, keep: Path | None) -> Path:
                 f"deploy/image/build.py: Debian {SUITE}: {', '.join(kept)}; install.py system",
             )
         ]
-        for stage in ("dependencies", "package"):
+        for stage in STAGES[1:]:
             install(root, staging, stage, build)
             after = snapshot(root)
             layers.append(
