@@ -48,6 +48,8 @@ SUITE = "bookworm"
 """Debian release; its python3 (3.11) is the one requirements.txt is locked for."""
 MIRROR = "http://deb.debian.org/debian"
 SECURITY_MIRROR = "http://deb.debian.org/debian-security"
+"""Overridden by DEBIAN_MIRROR and DEBIAN_SECURITY_MIRROR, e.g. snapshot.debian.org's
+archive at a fixed time, to rebuild the same Debian layer later."""
 PACKAGES = ("python3", "libstdc++6", "base-files")
 """What the image runs on: Debian's python3, the C++ runtime grpcio's extension needs,
 and base-files (os-release, which scanners read, and the common licences)."""
@@ -308,10 +310,12 @@ def build_wheel(work: Path, pip_wheel: Path, destination: Path, epoch: int) -> N
 def make_root(work: Path, build: Build) -> tuple[Path, Path]:
     """Debian's packages unpacked into a directory; returns it and the .deb files used."""
     root = work / "root"
+    mirror = os.environ.get("DEBIAN_MIRROR") or MIRROR
+    security = os.environ.get("DEBIAN_SECURITY_MIRROR") or SECURITY_MIRROR
     sources = [
-        f"deb {MIRROR} {SUITE} main",
-        f"deb {MIRROR} {SUITE}-updates main",
-        f"deb {SECURITY_MIRROR} {SUITE}-security main",
+        f"deb {mirror} {SUITE} main",
+        f"deb {mirror} {SUITE}-updates main",
+        f"deb {security} {SUITE}-security main",
     ]
     run(
         "mmdebstrap",

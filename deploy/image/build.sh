@@ -7,8 +7,8 @@
 # On Debian as root (mmdebstrap unpacks Debian's packages, chroot runs the image's
 # python3), with the packages of .ci/run's image block: mmdebstrap umoci python3-pip.
 # Environment: SOURCE_DATE_EPOCH (default: the last commit's time), SOURCE_URL (the
-# source label; default: git's origin), IMAGE_NAME (default spegel-tx). How it builds
-# and why: deploy/image/build.py.
+# source label; default: git's origin), IMAGE_NAME (default spegel-tx), DEBIAN_MIRROR and
+# DEBIAN_SECURITY_MIRROR. How it builds and why: deploy/image/build.py.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
