@@ -17,12 +17,13 @@ import random
 import re
 import secrets
 import shutil
-import socket
 import stat
 import subprocess
 import sys
 import tarfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -329,6 +330,9 @@ class PodNode:
         shim.chmod(shim.stat().st_mode | stat.S_IXUSR)
         return shim
 
+    def ctr_command(self, *args: str) -> list[str]:
+        return ["ctr", "--address", self.containerd.address, "-n", self.containerd.namespace, *args]
+
     def values(self, image: str, **spegel: Any) -> dict[str, Any]:
         """The chart's values for this node: its image, its ports (each node of the test
         has its own, as they share one host), no NodePort fallback (no kube-proxy here)."""
@@ -473,18 +477,16 @@ class PodNode:
         options += [f"--env={key}={value}" for key, value in (extra_env or {}).items()]
         arguments = self.process_args(spec, environment, image_entrypoint)
         identifier = f"{self.name}-{name}-{secrets.token_hex(4)}"
-        ctr = ["ctr", "--address", self.containerd.address, "-n", self.containerd.namespace]
         if not detach:
             return subprocess.run(
-                [*ctr, "run", "--rm", *options, image, identifier, *arguments],
+                self.ctr_command("run", "--rm", *options, image, identifier, *arguments),
                 capture_output=True,
                 text=True,
                 timeout=120,
             )
         log_path = self.base / f"{identifier}.log"
         result = subprocess.run(
-            [
-                *ctr,
+            self.ctr_command(
                 "run",
                 "--detach",
                 f"--log-uri=file://{log_path}",
@@ -492,7 +494,7 @@ class PodNode:
                 image,
                 identifier,
                 *arguments,
-            ],
+            ),
             capture_output=True,
             text=True,
             timeout=120,
@@ -506,48 +508,27 @@ class PodNode:
     def stop(self, running: Running, grace: float = STOP_GRACE) -> None:
         """SIGTERM, SIGKILL after ``grace`` seconds as the kubelet does; then the task and
         the container (and its snapshot) go."""
-        ctr = self.containerd.ctr
         if running.running():
-            ctr("tasks", "kill", "--signal", "SIGTERM", running.id)
+            self.containerd.ctr("tasks", "kill", "--signal", "SIGTERM", running.id)
             if not poll(lambda: not running.running(), timeout=grace):
-                ctr("tasks", "kill", "--signal", "SIGKILL", running.id)
+                self.containerd.ctr("tasks", "kill", "--signal", "SIGKILL", running.id)
                 poll(lambda: not running.running(), timeout=grace)
-        subprocess.run(
-            [
-                "ctr",
-                "--address",
-                self.containerd.address,
-                "-n",
-                self.containerd.namespace,
-                "tasks",
-                "delete",
-                "--force",
-                running.id,
-            ],
-            capture_output=True,
-            timeout=60,
-        )
-        subprocess.run(
-            [
-                "ctr",
-                "--address",
-                self.containerd.address,
-                "-n",
-                self.containerd.namespace,
-                "containers",
-                "delete",
-                running.id,
-            ],
-            capture_output=True,
-            timeout=60,
-        )
+        self._remove(running.id)
         if running in self.containers:
             self.containers.remove(running)
 
+    def _remove(self, identifier: str) -> None:
+        for command in (["tasks", "delete", "--force"], ["containers", "delete"]):
+            subprocess.run(self.ctr_command(*command, identifier), capture_output=True, timeout=60)
+
     def shutdown(self) -> None:
-        """Every container, then containerd: a shim outlives a containerd stopped first."""
+        """Every container, then containerd: a shim outlives a containerd stopped first.
+        Containers left by a one-shot run that timed out go too."""
         for running in list(self.containers):
             self.stop(running)
+        if self.containerd.process is not None:
+            for identifier in self.containerd.ctr("containers", "ls", "-q").split():
+                self._remove(identifier)
         self.containerd.stop()
 
     def pull(self, reference: str, namespace: str | None = None, timeout: float = 300) -> None:
@@ -578,9 +559,6 @@ def pod_nodes(base: Path, names: Sequence[str]) -> Iterator[dict[str, PodNode]]:
 
 def wait_for_url(url: str, running: Running, timeout: float = 60.0, status: int = 200) -> None:
     """Until ``url`` answers ``status``; fails with the container's log if it stops or stalls."""
-    import urllib.error
-    import urllib.request
-
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -599,9 +577,3 @@ def wait_for_url(url: str, running: Running, timeout: float = 60.0, status: int 
     raise AssertionError(
         f"{url} answered {last}, not {status}, within {timeout}s:\n{running.log()}"
     )
-
-
-def is_listening(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(1)
-        return sock.connect_ex((host, port)) == 0
