@@ -259,7 +259,7 @@ def umoci_config_options(config: Mapping[str, Any]) -> list[str]:
 # Inputs: tools, wheels
 
 
-def download(work: Path, requirements: Path, machine: str, destination: Path) -> None:
+def download(requirements: Path, machine: str, destination: Path) -> None:
     run(
         sys.executable,
         "-m",
@@ -593,52 +593,69 @@ def write_archive(layout: Path, destination: Path, epoch: int) -> None:
 # The build
 
 
+def stage_inputs(work: Path, build: Build) -> tuple[Path, dict[str, Any]]:
+    """Everything install.py reads, in one directory (pip's wheel, the pinned wheels,
+    spegel-tx's wheel), and the image configuration from the Dockerfile."""
+    staging, tools = work / "staging", work / "tools"
+    staging.mkdir()
+    download(HERE / "build-requirements.txt", build.machine, tools)
+    (pip_wheel,) = tools.glob("pip-*.whl")
+    (parser_wheel,) = tools.glob("dockerfile_parse-*.whl")
+    sys.path.insert(0, str(parser_wheel))
+    config = image_config(DOCKERFILE, build.build_args)
+    shutil.copy2(pip_wheel, staging)
+    download(HERE / "requirements.txt", build.machine, staging)
+    build_wheel(work, pip_wheel, staging, build.epoch)
+    for name in ("install.py", "requirements.txt"):
+        shutil.copy2(HERE / name, staging)
+    return staging, config
+
+
+def build_layers(work: Path, staging: Path, build: Build) -> list[tuple[Path, str]]:
+    """The three layer tars and what made each."""
+    root, debs = make_root(work, build)
+    kept = trim_root(root, debs)
+    install(root, staging, STAGES[0], build)
+    layers_dir = work / "layers"
+    layers_dir.mkdir()
+    before = snapshot(root)
+    base = sorted(path for path in before if not path.startswith("dev/"))
+    made_by = f"deploy/image/build.py: Debian {SUITE}: {', '.join(kept)}; install.py system"
+    layers = [(tar_layer(root, base, layers_dir / "base.tar", build.epoch), made_by)]
+    for stage in STAGES[1:]:
+        install(root, staging, stage, build)
+        after = snapshot(root)
+        tar = tar_layer(root, changes(before, after), layers_dir / f"{stage}.tar", build.epoch)
+        layers.append((tar, f"deploy/image/build.py: install.py {stage}"))
+        before = after
+    check_libraries(root, build.architecture)
+    return layers
+
+
+def report_sizes(layout: Path, layers: Sequence[tuple[Path, str]]) -> None:
+    index = json.loads((layout / "index.json").read_text())
+    manifest_path = layout / "blobs" / "sha256" / index["manifests"][0]["digest"][7:]
+    compressed = [layer["size"] for layer in json.loads(manifest_path.read_text())["layers"]]
+    for (tar, _), size in zip(layers, compressed, strict=True):
+        print(
+            f"layer {tar.stem}: {size / 2**20:.1f} MiB compressed, "
+            f"{tar.stat().st_size / 2**20:.1f} MiB unpacked"
+        )
+    unpacked = sum(tar.stat().st_size for tar, _ in layers)
+    print(
+        f"image: {sum(compressed) / 2**20:.1f} MiB compressed, {unpacked / 2**20:.1f} MiB unpacked"
+    )
+
+
 def build_image(build: Build, output_dir: Path, keep: Path | None) -> Path:
     work = Path(tempfile.mkdtemp(prefix="spegel-tx-image."))
     try:
-        staging = work / "staging"
-        staging.mkdir()
-        tools = work / "tools"
-        download(work, HERE / "build-requirements.txt", build.machine, tools)
-        (pip_wheel,) = tools.glob("pip-*.whl")
-        (parser_wheel,) = tools.glob("dockerfile_parse-*.whl")
-        sys.path.insert(0, str(parser_wheel))
-        config = image_config(DOCKERFILE, build.build_args)
-        shutil.copy2(pip_wheel, staging)
-        download(work, HERE / "requirements.txt", build.machine, staging)
-        build_wheel(work, pip_wheel, staging, build.epoch)
-        for name in ("install.py", "requirements.txt"):
-            shutil.copy2(HERE / name, staging)
-
-        root, debs = make_root(work, build)
-        kept = trim_root(root, debs)
-        install(root, staging, STAGES[0], build)
-        layers_dir = work / "layers"
-        layers_dir.mkdir()
-        before = snapshot(root)
-        base = [path for path in before if not path.startswith("dev/")]
-        layers = [
-            (
-                tar_layer(root, sorted(base), layers_dir / "base.tar", build.epoch),
-                f"deploy/image/build.py: Debian {SUITE}: {', '.join(kept)}; install.py system",
-            )
-        ]
-        for stage in STAGES[1:]:
-            install(root, staging, stage, build)
-            after = snapshot(root)
-            layers.append(
-                (
-                    tar_layer(
-                        root, changes(before, after), layers_dir / f"{stage}.tar", build.epoch
-                    ),
-                    f"deploy/image/build.py: install.py {stage}",
-                )
-            )
-            before = after
-        check_libraries(root, build.architecture)
+        staging, config = stage_inputs(work, build)
+        layers = build_layers(work, staging, build)
         layout = assemble(work, layers, config, build)
         archive = output_dir / f"spegel-tx-{build.version}.tar"
         write_archive(layout, archive, build.epoch)
+        report_sizes(layout, layers)
         if keep is not None:
             shutil.rmtree(keep, ignore_errors=True)
             shutil.copytree(layout, keep)
