@@ -334,6 +334,7 @@ def test_the_images_own_user_cannot_open_the_containerd_socket(image_cluster: Im
     keys = node.node_yaml(rendered, [cluster.a.router_address])
     for key in ("registry-addr", "router-addr", "metrics-addr"):
         keys[key] = f"{host}:{keys[key].rsplit(':', 1)[1]}"
+    keys["data-dir"] = ""  # the node's identity directory is root's too
     running = node.run(
         rendered.daemonset,
         "spegel-tx",

@@ -359,7 +359,15 @@ class PodNode:
                 self.containerd.content_path
             ),
             "/etc/containerd/certs.d": self.containerd.certs_dir,
+            "/var/lib/spegel-tx": self.state_dir,
         }
+
+    @property
+    def state_dir(self) -> Path:
+        """The node's DHT identity, kept across pod restarts as the chart keeps it."""
+        path = self.base / "var-lib-spegel-tx"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     def node_yaml(self, rendered: Rendered, bootstrap_peers: Sequence[str]) -> dict[str, Any]:
         """The ConfigMap's node.yaml, with the listen addresses on this node's loopback
