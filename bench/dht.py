@@ -196,7 +196,7 @@ class RequestTracker:
         self.first_hops = None
         own = self._protocol.node_id
         if target is not None and any(
-            p.node_id != own for p in self._protocol.providers_of(target)
+            p.node_id != own for p in self._protocol.records.providers_of(target)
         ):
             self.first_hops = 0
 
@@ -418,7 +418,7 @@ def simulate_advertise(
         holders = {
             r.protocol.node_id
             for r in routers
-            if any(p.node_id == own for p in r.protocol.providers_of(target))
+            if any(p.node_id == own for p in r.protocol.records.providers_of(target))
         }
         others = [r.protocol.node_id for r in routers if r.protocol.node_id != own]
         closest = set(sorted(others, key=lambda n: distance(n, target))[:K])

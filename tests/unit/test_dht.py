@@ -14,7 +14,15 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
 from spegel_tx.routing.kademlia.codec import encode
-from spegel_tx.routing.kademlia.messages import AddProvider, Contact, Header, Message, Ping, Pong
+from spegel_tx.routing.kademlia.messages import (
+    AddProvider,
+    Binding,
+    Contact,
+    Header,
+    Message,
+    Ping,
+    Pong,
+)
 from spegel_tx.routing.kademlia.node import key_id, random_node_id
 from spegel_tx.routing.kademlia.protocol import KademliaProtocol
 from spegel_tx.routing.kademlia.router import KademliaRouter
@@ -111,13 +119,18 @@ def test_an_answer_nobody_asked_for_is_dropped() -> None:
     assert protocol.counters["dropped_unexpected"] == 1
 
 
+def signed_ping(sender: bytes, receiver: bytes, stamp: float, source: str = "10.0.0.1") -> bytes:
+    binding = Binding(receiver, source, 5001)
+    header = Header(b"abcdefgh", sender, 5000, int(stamp * 1000))
+    return encode(Message(header, Ping(), binding), b"k")
+
+
 @pytest.mark.parametrize("age", [61.0, -61.0])
 def test_stale_authenticated_datagrams_are_dropped(age: float) -> None:
     clock = Clock()
     clock.advance(1000)
     protocol = KademliaProtocol(clock, random_node_id(), 5000, secret=b"k")
-    stamp = int((clock.seconds() - age) * 1000)
-    datagram = encode(Message(Header(b"abcdefgh", random_node_id(), 5000, stamp), Ping()), b"k")
+    datagram = signed_ping(random_node_id(), protocol.node_id, clock.seconds() - age)
     protocol.datagramReceived(datagram, ("10.0.0.1", 5001))
     assert protocol.counters["dropped_stale"] == 1
 
@@ -125,7 +138,7 @@ def test_stale_authenticated_datagrams_are_dropped(age: float) -> None:
 def test_replayed_authenticated_request_is_dropped() -> None:
     clock = Clock()
     protocol = KademliaProtocol(clock, random_node_id(), 5000, secret=b"k")
-    datagram = encode(Message(Header(b"abcdefgh", random_node_id(), 5000, 0), Ping()), b"k")
+    datagram = signed_ping(random_node_id(), protocol.node_id, 0)
     protocol.datagramReceived(datagram, ("10.0.0.1", 5001))
     protocol.datagramReceived(datagram, ("10.0.0.1", 5001))
     assert protocol.counters["dropped_replay"] == 1
@@ -149,7 +162,7 @@ def test_keys_advertised_before_any_peer_answered_are_placed_once_one_does() -> 
         clock.advance(0.1)
 
     assert router.ready()
-    assert peer.providers_of(key_id(key)) != [], "the early advertisement reached the peer"
+    assert peer.records.providers_of(key_id(key)) != [], "the early advertisement reached the peer"
     router.stopService()
 
 
@@ -191,6 +204,6 @@ def test_keys_of_a_lone_node_are_placed_once_a_peer_contacts_it() -> None:
     for _ in range(1200):  # the lone node's next periodic join
         clock.advance(0.1)
 
-    assert second.providers_of(key_id(key)) != [], "the lone node's keys reached its peer"
+    assert second.records.providers_of(key_id(key)) != [], "the lone node's keys reached its peer"
     alone.stopService()
     joiner.stopService()

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredSemaphore
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -65,11 +65,18 @@ class KademliaRouter(Service):
         self._searches: dict[bytes, Search] = {}
         self._loops: list[LoopingCall] = []
         self._bootstrap_call: Any = None
+        self._peer_wait: Deferred[None] | None = None
 
     # Lifecycle
 
     def startService(self) -> None:
         Service.startService(self)
+        if self.protocol.secret is None:
+            _log.warn(
+                "the DHT runs without a cluster secret (router-secret-file): anyone who can "
+                "send this node a UDP datagram can join the DHT, advertise content under "
+                "any digest or tag, and sit in lookups; set the same secret on every node"
+            )
         for work, interval in [
             (self._republish, self._republish_interval),
             (self._maintain, 60.0),
@@ -90,6 +97,7 @@ class KademliaRouter(Service):
         self._loops = []
         if self._bootstrap_call is not None and self._bootstrap_call.active():
             self._bootstrap_call.cancel()
+        self._stop_waiting_for_peer()
         return self.withdraw(sorted(self._advertised))
 
     def _guarded(self, work: Any) -> Deferred[None]:
@@ -105,6 +113,7 @@ class KademliaRouter(Service):
 
     def _bootstrap(self) -> None:
         self._bootstrap_call = None
+        self._stop_waiting_for_peer()
         Deferred.fromCoroutine(self._join()).addErrback(
             lambda f: _log.failure("DHT bootstrap failed", f)
         ).addBoth(lambda _: self._schedule_bootstrap())
@@ -118,7 +127,21 @@ class KademliaRouter(Service):
         else:
             delay = self._bootstrap_delay
             self._bootstrap_delay = min(self._bootstrap_delay * 2, self._max_bootstrap_delay)
+            # A peer may find us first (we started alone, or before it): join at once,
+            # so what we advertised meanwhile is placed now, not at the next attempt.
+            self._peer_wait = self.protocol.peer_known()
+            self._peer_wait.addCallbacks(self._peer_appeared, lambda f: f.trap(CancelledError))
         self._bootstrap_call = self._clock.callLater(delay, self._bootstrap)
+
+    def _peer_appeared(self, _: None) -> None:
+        self._peer_wait = None
+        if self._bootstrap_call is not None and self._bootstrap_call.active():
+            self._bootstrap_call.reset(0)
+
+    def _stop_waiting_for_peer(self) -> None:
+        waiting, self._peer_wait = self._peer_wait, None
+        if waiting is not None:
+            waiting.cancel()
 
     async def _join(self) -> None:
         if not self.ready():
@@ -252,7 +275,7 @@ class KademliaRouter(Service):
             await self._provide(sorted(self._advertised))
 
     async def _maintain(self) -> None:
-        self.protocol.expire_records()
+        self.protocol.records.expire()
 
     async def _refresh(self) -> None:
         now = self._clock.seconds()
