@@ -207,3 +207,28 @@ def test_keys_of_a_lone_node_are_placed_once_a_peer_contacts_it() -> None:
     assert second.records.providers_of(key_id(key)) != [], "the lone node's keys reached its peer"
     alone.stopService()
     joiner.stopService()
+
+
+def test_a_lone_node_places_its_keys_as_soon_as_its_first_peer_appears() -> None:
+    clock = Clock()
+    network = MemoryUDPNetwork(clock)
+    first = KademliaProtocol(clock, random_node_id(), registry_port=5000)
+    network.attach(first, "10.0.0.1", 5001)
+    alone = KademliaRouter(clock, first, FixedBootstrapper([]), 5001)
+    alone.startService()
+    key = "docker.io/library/first:1"
+    alone.advertise([key])
+    for _ in range(600):
+        clock.advance(0.1)
+    # Its attempts to join came at 0, 0.5, 1.5 ... 31.5 s; the next is due at 61.5 s.
+    assert clock.seconds() == pytest.approx(60.0)
+
+    second = KademliaProtocol(clock, random_node_id(), registry_port=5000)
+    network.attach(second, "10.0.0.2", 5001)
+    second.ping(Contact(b"", "10.0.0.1", 5001))
+    appeared = clock.seconds()
+    while not second.records.providers_of(key_id(key)) and clock.seconds() < appeared + 5:
+        clock.advance(0.001)
+    assert second.records.providers_of(key_id(key)) != [], "the lone node's keys reached its peer"
+    assert clock.seconds() - appeared < 0.1, "within a few round trips, not at its next attempt"
+    alone.stopService()

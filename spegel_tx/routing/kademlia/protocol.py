@@ -334,6 +334,8 @@ class KademliaProtocol(DatagramProtocol):
             self._admit(contact)
         elif self.table.has_room(contact):
             self._check(contact)
+        elif self.table.host_full(contact.host):
+            self._drop("host_full")
 
     def heard_of(self, contact: Contact) -> None:
         """A contact named in another node's answer: pinged if its bucket is empty.

@@ -115,7 +115,7 @@ class RoutingTable:
             bucket.contacts.move_to_end(node_id)
             self._last_seen[node_id] = now
             return _NOTHING
-        if held is None and len(self._at_host.get(contact.host, ())) >= self.per_host:
+        if held is None and self.host_full(contact.host):
             return Seen(self._stalest_at(contact.host), "host_full")
         if len(bucket.contacts) < self.k:
             bucket.replacements.pop(node_id, None)
@@ -153,8 +153,11 @@ class RoutingTable:
             bucket is not None
             and contact.node_id != self.own_id
             and len(bucket.contacts) < self.k
-            and len(self._at_host.get(contact.host, ())) < self.per_host
+            and not self.host_full(contact.host)
         )
+
+    def host_full(self, host: str) -> bool:
+        return len(self._at_host.get(host, ())) >= self.per_host
 
     def _stalest_at(self, host: str) -> Contact | None:
         """The contact at ``host`` seen longest ago (None if it has only replacements)."""
