@@ -172,3 +172,66 @@ class UDPStranger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+Captured = tuple[tuple[str, int], tuple[str, int], bytes]
+"""A UDP datagram seen on the wire: source, destination, payload."""
+
+
+class LoopbackCapture:
+    """Every UDP datagram between ``hosts`` on the loopback interface, as a stranger on
+    the path (a shared network segment) sees it. Needs CAP_NET_RAW (PermissionError
+    without it)."""
+
+    _ETH_P_ALL = 0x0003
+    _ETHERNET = 14
+
+    def __init__(self, hosts: Iterable[str]) -> None:
+        self._hosts = {socket.inet_aton(host) for host in hosts}
+        self.socket = socket.socket(
+            socket.AF_PACKET, socket.SOCK_RAW, socket.htons(self._ETH_P_ALL)
+        )
+        self.socket.bind(("lo", 0))
+        self.socket.settimeout(0.1)
+        self.datagrams: list[Captured] = []
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._capture, daemon=True)
+        self._thread.start()
+
+    def _capture(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                frame, (_, _, kind, *_) = self.socket.recvfrom(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if kind == socket.PACKET_OUTGOING:
+                continue  # loopback shows each frame twice: sent, then received
+            datagram = self._udp(frame[self._ETHERNET :])
+            if datagram is not None:
+                self.datagrams.append(datagram)
+
+    def _udp(self, packet: bytes) -> Captured | None:
+        if len(packet) < 20 or packet[0] >> 4 != 4 or packet[9] != socket.IPPROTO_UDP:
+            return None
+        source, destination = packet[12:16], packet[16:20]
+        if source not in self._hosts or destination not in self._hosts:
+            return None
+        udp = packet[(packet[0] & 0x0F) * 4 :]
+        return (
+            (socket.inet_ntoa(source), int.from_bytes(udp[0:2], "big")),
+            (socket.inet_ntoa(destination), int.from_bytes(udp[2:4], "big")),
+            udp[8 : int.from_bytes(udp[4:6], "big")],
+        )
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._thread.join(5)
+        self.socket.close()
+
+    def __enter__(self) -> LoopbackCapture:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

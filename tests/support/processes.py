@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -18,6 +19,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
+
+
+def free_loopback_host() -> str:
+    """A random address in 127.64.0.0-127.250.255.255, away from the fixed 127.0.x.x
+    ones some tests use: two copies of the suite running at once do not meet there."""
+    rng = random.SystemRandom()
+    return f"127.{rng.randint(64, 250)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
 
 
 def free_port(host: str = "127.0.0.1") -> int:

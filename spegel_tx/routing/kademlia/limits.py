@@ -21,11 +21,14 @@ class Limits:
     """Routing table contacts (and a search's candidates) at one IP address. One node
     runs per address; the second slot lets a node restarted with a new id come back
     before its old id has been found dead."""
-    records: int = 250_000
-    """Provider records kept for all addresses together (about 90 MB at most, measured)."""
+    records: int = 200_000
+    """Provider records kept for all addresses together (``router-max-records``). A
+    record takes about 480 bytes, so 200,000 take about 95 MB; a node stores some 20
+    records per key it is among the nearest to, or, in a cluster of 20 nodes or fewer,
+    one per key each other node holds."""
     records_per_host: int = 25_000
-    """Provider records kept for one address: more keys than a node advertises
-    (bench/dht.py places 10,000 from one node)."""
+    """Provider records kept for one address (``router-max-records-per-host``): more
+    keys than a node advertises (bench/dht.py places 10,000 from one node)."""
     answer_burst: int = 128 * 1024
     """Bytes of answers beyond the requests' own bytes one address may draw at once:
     over a hundred full answers, more than a pull's lookups ask of one node."""
