@@ -13,13 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
-from spegel_tx.routing.kademlia.codec import encode
+from spegel_tx.routing.kademlia.codec import encode, split_keys
 from spegel_tx.routing.kademlia.messages import (
     AddProvider,
     Binding,
     Contact,
     Header,
     Message,
+    MessageType,
     Ping,
     Pong,
 )
@@ -232,3 +233,23 @@ def test_a_lone_node_places_its_keys_as_soon_as_its_first_peer_appears() -> None
     assert second.records.providers_of(key_id(key)) != [], "the lone node's keys reached its peer"
     assert clock.seconds() - appeared < 0.1, "within a few round trips, not at its next attempt"
     alone.stopService()
+
+
+def test_stores_that_fail_at_once_are_counted_lost_one_after_another() -> None:
+    cluster = SimulatedCluster(3)
+    advertiser = cluster.routers[0].protocol
+    transport = advertiser.transport
+    assert transport is not None
+    write = transport.write
+
+    def unreachable(packet: bytes, addr: tuple[str, int] | None = None) -> None:
+        if packet[3] == MessageType.ADD_PROVIDER:
+            raise OSError(101, "Network is unreachable")
+        write(packet, addr)
+
+    transport.write = unreachable  # type: ignore[method-assign]
+    keys = [f"sha256:{n:064x}" for n in range(10_000)]
+    result = cluster.wait(cluster.routers[0].advertise(keys))
+    assert result is None, "hundreds of stores failing at once end the call cleanly"
+    batches = 2 * len(split_keys(keys))  # both other nodes hold every key
+    assert advertiser.counters["stores_lost"] == advertiser.counters["send_errors"] == batches

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredSemaphore
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -18,7 +18,12 @@ from spegel_tx.routing.kademlia.lookup import ProviderLookup, Search
 from spegel_tx.routing.kademlia.messages import AddProvider, Contact, RemoveProvider
 from spegel_tx.routing.kademlia.node import key_id
 from spegel_tx.routing.kademlia.placement import place
-from spegel_tx.routing.kademlia.protocol import KademliaProtocol, RequestTimeout
+from spegel_tx.routing.kademlia.protocol import (
+    AnsweredByAnother,
+    KademliaProtocol,
+    RequestTimeout,
+    RequestUnsendable,
+)
 
 _log = Logger()
 
@@ -158,6 +163,8 @@ class KademliaRouter(Service):
         ]
         pings = [self.protocol.ping(Contact(b"", host, port)) for host, port in others]
         await DeferredList(pings, consumeErrors=True)
+        if not self.running:
+            return
         if self.ready():
             self._unreachable_logged = False
             await Search(self.protocol, self.protocol.node_id, False, 0).start()
@@ -230,13 +237,22 @@ class KademliaRouter(Service):
             for contact in contacts:
                 by_contact[contact].append(target)
             self._stored_at.setdefault(target, set()).update(contacts)
-        limit = DeferredSemaphore(STORES_IN_FLIGHT)
-        sends = [
-            limit.run(self._store, contact, batch)
-            for contact, targets_of_contact in by_contact.items()
-            for batch in split_keys(targets_of_contact)
-        ]
-        await DeferredList(sends, consumeErrors=True)
+        batches = iter(
+            [
+                (contact, batch)
+                for contact, targets_of_contact in by_contact.items()
+                for batch in split_keys(targets_of_contact)
+            ]
+        )
+
+        async def sender() -> None:
+            # A loop per sender rather than a semaphore's callbacks: stores that fail at
+            # once (the socket closed at stop) follow one another instead of nesting.
+            for contact, batch in batches:
+                await self._store(contact, batch)
+
+        senders = [Deferred.fromCoroutine(sender()) for _ in range(STORES_IN_FLIGHT)]
+        await DeferredList(senders, consumeErrors=True)
 
     async def _store(self, contact: Contact, batch: tuple[bytes, ...]) -> None:
         """One AddProvider, tried twice: in a burst a lost datagram is likelier than a
@@ -248,6 +264,9 @@ class KademliaRouter(Service):
             except RequestTimeout:
                 if attempt == STORE_ATTEMPTS - 1:
                     self.protocol.counters["stores_lost"] += 1
+            except (RequestUnsendable, AnsweredByAnother):
+                self.protocol.counters["stores_lost"] += 1
+                return
 
     def _closest_nodes(self, target: bytes) -> Deferred[list[Contact]]:
         return Search(self.protocol, target, find_providers=False, want=0).start()

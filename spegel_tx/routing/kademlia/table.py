@@ -21,8 +21,9 @@ BITS = ID_LENGTH * 8
 REPLACEMENTS = 8
 """Contacts kept per full bucket to take the place of ones that stop answering."""
 
-RECHECK_AFTER = 30.0
-"""A contact seen this recently is alive: a conflicting claim is refused without a ping."""
+RECHECK_AFTER = 10.0
+"""A contact whose id is claimed from another address is pinged at most this often:
+however many claims a stranger forges, the live node is asked once in a while."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,8 @@ class RoutingTable:
         self._at_host: dict[str, dict[bytes, None]] = {}
         """The ids of the contacts and replacements at each host."""
         self._last_seen: dict[bytes, float] = {}
+        self._checked: dict[bytes, float] = {}
+        """When a contact was last named for a ping because its id was claimed elsewhere."""
         self._size = 0
 
     def bucket_index(self, node_id: bytes) -> int:
@@ -99,7 +102,8 @@ class RoutingTable:
         A full bucket keeps the newcomer as a replacement and names its least recently
         seen contact for the caller to ping (Kademlia's ping-before-evict: long-lived
         nodes are the likeliest to stay). An id held at another address stays there;
-        the holder is named for a ping unless it answered within RECHECK_AFTER.
+        the holder is named for a ping (at most every RECHECK_AFTER), so that a node
+        that really moved takes its place once the old address is silent.
         """
         bucket = self._bucket(contact.node_id)
         if bucket is None or contact.node_id == self.own_id:
@@ -107,9 +111,11 @@ class RoutingTable:
         node_id = contact.node_id
         held = bucket.contacts.get(node_id) or bucket.replacements.get(node_id)
         if held is not None and (held.host, held.port) != (contact.host, contact.port):
-            recent = now - self._last_seen.get(node_id, float("-inf")) < RECHECK_AFTER
-            check = None if recent or node_id not in bucket.contacts else held
-            return Seen(check, "id_conflict")
+            checked = self._checked.get(node_id, float("-inf"))
+            if node_id not in bucket.contacts or now - checked < RECHECK_AFTER:
+                return Seen(refused="id_conflict")
+            self._checked[node_id] = now
+            return Seen(held, "id_conflict")
         bucket.touched = now
         if node_id in bucket.contacts:
             bucket.contacts.move_to_end(node_id)
@@ -140,6 +146,7 @@ class RoutingTable:
 
     def _forget(self, contact: Contact) -> None:
         self._last_seen.pop(contact.node_id, None)
+        self._checked.pop(contact.node_id, None)
         ids = self._at_host.get(contact.host)
         if ids is not None:
             ids.pop(contact.node_id, None)
