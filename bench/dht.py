@@ -3,8 +3,9 @@ cost of advertising 10,000 keys, each beside a reference measured in the same ru
 
     python3 bench/dht.py [--nodes 20] [--rounds 20] [--sizes 10,100,300,1000]
                          [--sim-lookups 40] [--keys 10000] [--advertise-nodes 300]
+                         [--datagram-rounds 20000]
 
-Prints four tables (about 2.5 minutes on 2 cores, most of it joining 1,000 simulated nodes):
+Prints five tables (about 2.5 minutes on 2 cores, most of it joining 1,000 simulated nodes):
 
 1. Simulation (SimulatedCluster: task.Clock, in-memory UDP, 1 ms one way): per cluster
    size, the hops to the first provider and of the whole search, requests and datagrams
@@ -25,6 +26,9 @@ Prints four tables (about 2.5 minutes on 2 cores, most of it joining 1,000 simul
    process (the class twistd runs, on a real socket, joined like a node): one call, calls
    of 250 in series, and 100 keys one call each as the reference; records the twistd nodes
    stored, timeouts, and this router's table before and after.
+5. What one datagram costs a node's CPU, in this process: answering a GetProviders (20
+   contacts, 3 providers) and storing a 34-key AddProvider, unsigned and signed, beside
+   decoding the same datagram alone.
 
 Needs Debian's containerd (``ctr``). Talks only to 127.0.0.0/8; every process it starts
 (one containerd, the nodes, a UDP echo server) is stopped by PID at the end.
@@ -59,19 +63,25 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from twisted.internet import threads  # noqa: E402
+from twisted.internet.address import IPv4Address  # noqa: E402
 from twisted.internet.defer import Deferred, DeferredList, gatherResults  # noqa: E402
 from twisted.internet.protocol import DatagramProtocol  # noqa: E402
-from twisted.internet.task import deferLater  # noqa: E402
+from twisted.internet.task import Clock, deferLater  # noqa: E402
 from twisted.python.failure import Failure  # noqa: E402
 
 from spegel_tx import testing  # noqa: E402
-from spegel_tx.routing.kademlia.codec import MAX_KEYS_PER_DATAGRAM  # noqa: E402
+from spegel_tx.routing.kademlia.codec import MAX_KEYS_PER_DATAGRAM, decode, encode  # noqa: E402
+from spegel_tx.routing.kademlia.limits import Limits  # noqa: E402
 from spegel_tx.routing.kademlia.messages import (  # noqa: E402
+    AddProvider,
+    Binding,
     Body,
     Contact,
     GetProviders,
+    Header,
     Message,
     Nodes,
+    Provider,
     Providers,
 )
 from spegel_tx.routing.kademlia.node import distance, key_id  # noqa: E402
@@ -196,7 +206,7 @@ class RequestTracker:
         self.first_hops = None
         own = self._protocol.node_id
         if target is not None and any(
-            p.node_id != own for p in self._protocol.providers_of(target)
+            p.node_id != own for p in self._protocol.records.providers_of(target)
         ):
             self.first_hops = 0
 
@@ -418,7 +428,7 @@ def simulate_advertise(
         holders = {
             r.protocol.node_id
             for r in routers
-            if any(p.node_id == own for p in r.protocol.providers_of(target))
+            if any(p.node_id == own for p in r.protocol.records.providers_of(target))
         }
         others = [r.protocol.node_id for r in routers if r.protocol.node_id != own]
         closest = set(sorted(others, key=lambda n: distance(n, target))[:K])
@@ -950,6 +960,88 @@ def print_real_lookups(
     )
 
 
+# 5. One datagram's cost
+
+
+class _Wire:
+    """A UDP transport that only counts what the node writes."""
+
+    def __init__(self, host: str) -> None:
+        self._host = host
+        self.written = 0
+
+    def write(self, data: bytes, addr: Any = None) -> None:
+        self.written += 1
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("UDP", self._host, 5001)
+
+
+@dataclass
+class DatagramCost:
+    label: str
+    handled_us: float
+    decoded_us: float
+
+
+def datagram_costs(rounds: int, seed: int) -> list[DatagramCost]:
+    """Microseconds per datagram through ``datagramReceived`` (answer written), and for
+    ``decode`` alone on the same datagrams. The answer allowance is set out of reach,
+    so every answer is whole, as for peers that ask at a normal pace."""
+    rng = random.Random(seed)
+    secret = b"bench cluster secret 0123456789"
+    limits = Limits(answer_burst=10**12, answer_burst_total=10**12)
+    results = []
+    for signed in (False, True):
+        key = rng.randbytes(32)
+        node = KademliaProtocol(
+            Clock(), rng.randbytes(32), 5000, secret=secret if signed else None, limits=limits
+        )
+        node.makeConnection(_Wire("10.0.0.1"))
+        peers = [Contact(rng.randbytes(32), f"10.0.1.{n}", 5001) for n in range(20)]
+        for peer in peers:
+            node.table.seen(peer, 0.0)
+        for n in range(3):
+            node.records.store(key, Provider(rng.randbytes(32), f"10.0.2.{n}", 5000))
+        asker = peers[0]
+        keys = tuple(rng.randbytes(32) for _ in range(MAX_KEYS_PER_DATAGRAM))
+        for body in (GetProviders(key), AddProvider(keys)):
+            binding = Binding(node.node_id, asker.host, asker.port) if signed else None
+            datagrams = [
+                encode(
+                    Message(Header(rng.randbytes(8), asker.node_id, 5000, 0), body, binding),
+                    secret if signed else None,
+                )
+                for _ in range(rounds)
+            ]
+            address = (asker.host, asker.port)
+            started = time.perf_counter()
+            for datagram in datagrams:
+                node.datagramReceived(datagram, address)
+            handled = (time.perf_counter() - started) / rounds * 1e6
+            started = time.perf_counter()
+            for datagram in datagrams:
+                decode(datagram, secret if signed else None)
+            decoded = (time.perf_counter() - started) / rounds * 1e6
+            name = type(body).__name__
+            results.append(
+                DatagramCost(f"{name}, {'signed' if signed else 'unsigned'}", handled, decoded)
+            )
+    return results
+
+
+def print_datagram_costs(costs: Sequence[DatagramCost], rounds: int) -> None:
+    section("5. What one datagram costs a node (CPU, this process)")
+    print(f"{rounds} datagrams each, from a peer in the routing table; answers are only counted")
+    print(f"{'':34} {'handled us':>11} {'decode us':>10} {'ratio':>6}")
+    for cost in costs:
+        print(
+            f"{cost.label:34} {cost.handled_us:11.1f} {cost.decoded_us:10.1f} "
+            f"{cost.handled_us / cost.decoded_us:6.1f}"
+        )
+    print("reference: decode us is the wire format's own cost of the same datagram")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=20)
@@ -962,6 +1054,7 @@ def main() -> None:
         "--sim-budget", type=float, default=240.0, help="wall seconds for any one cluster size"
     )
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--datagram-rounds", type=int, default=20_000)
     args = parser.parse_args()
     if not 2 <= args.nodes <= 250:
         raise SystemExit("--nodes must be between 2 and 250")
@@ -1014,6 +1107,7 @@ def main() -> None:
                 print(f"  {size} nodes skipped: over --sim-budget {args.sim_budget:.0f}s")
             cluster = None  # free a thousand routers before the next size
         print_sim_lookups(sim_results, args.sim_lookups)
+        print_datagram_costs(datagram_costs(args.datagram_rounds, args.seed), args.datagram_rounds)
         if advertised is not None:
             bulk, single, check = advertised
             print_advertise(

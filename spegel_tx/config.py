@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from spegel_tx.errors import ConfigError
+from spegel_tx.routing.kademlia.limits import Limits
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,8 @@ class Config:
     router_secret_file: str = ""
     router_record_ttl: float = 19 * 60.0
     router_republish_interval: float = 15 * 60.0
+    router_max_records: int = Limits.records
+    router_max_records_per_host: int = Limits.records_per_host
 
     @property
     def forwards(self) -> bool:
@@ -267,6 +270,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "router-secret-file": _parse_str,
     "router-record-ttl": _parse_duration_value,
     "router-republish-interval": _parse_duration_value,
+    "router-max-records": _parse_int,
+    "router-max-records-per-host": _parse_int,
 }
 
 KEYS: tuple[str, ...] = tuple(_PARSERS)
@@ -312,6 +317,8 @@ MEANINGS: dict[str, str] = {
     "router-secret-file": "File holding the DHT cluster secret (16 bytes or more); "
     "ROUTER_SECRET gives the secret itself.",
     "router-record-ttl": "How long a provider record lives on the nodes that store it.",
+    "router-max-records": "Provider records the node keeps for others, in all.",
+    "router-max-records-per-host": "Provider records the node keeps for any one IP address.",
     "router-republish-interval": "How often the node republishes its own records; "
     "shorter than router-record-ttl.",
 }
@@ -387,6 +394,10 @@ def load_config(
         raise ConfigError(
             "router-republish-interval", "must be shorter than router-record-ttl, or records lapse"
         )
+    if config.router_max_records_per_host < 1:
+        raise ConfigError("router-max-records-per-host", "must be at least 1")
+    if config.router_max_records < config.router_max_records_per_host:
+        raise ConfigError("router-max-records", "must be at least router-max-records-per-host")
     return config
 
 

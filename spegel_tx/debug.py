@@ -46,7 +46,7 @@ class DebugPages:
             "node_id": protocol.node_id.hex(),
             **readiness_fields(self._readiness),
             "peers": routing_table(protocol),
-            "records_stored": sum(len(holders) for holders in protocol.records.values()),
+            "records_stored": len(protocol.records),
             "counters": dict(protocol.counters),
         }
         return json_page(request, page)

@@ -33,7 +33,14 @@ from spegel_tx.containerd import hostsconfig
 from spegel_tx.containerd.client import ContainerdClient
 from spegel_tx.errors import ConfigError, SpegelError
 from spegel_tx.routing.kademlia.codec import DecodeError, decode, encode
-from spegel_tx.routing.kademlia.messages import Header, Message, Ping, Pong
+from spegel_tx.routing.kademlia.messages import (
+    NO_RECEIVER,
+    Binding,
+    Header,
+    Message,
+    Ping,
+    Pong,
+)
 
 DEFAULT_CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")
 CAPABILITIES = ("pull", "resolve", "push")
@@ -616,10 +623,12 @@ def no_peers_advice(config: Config) -> str:
     )
 
 
-def ping_datagram(txid: bytes, secret: bytes | None) -> bytes:
-    """A DHT Ping from DOCTOR_ID, stamped now (a signed one must be fresh)."""
+def ping_datagram(txid: bytes, secret: bytes | None, source: tuple[str, int]) -> bytes:
+    """A DHT Ping from DOCTOR_ID, stamped now (a signed one must be fresh) and, when
+    signed, bound to ``source``, the address it leaves from, for whichever node listens."""
     header = Header(txid, DOCTOR_ID, 0, int(time.time() * 1000))
-    return encode(Message(header, Ping()), secret)
+    binding = Binding(NO_RECEIVER, source[0], source[1]) if secret is not None else None
+    return encode(Message(header, Ping(), binding), secret)
 
 
 def is_pong(datagram: bytes, txid: bytes, secret: bytes | None) -> bool:
@@ -627,7 +636,8 @@ def is_pong(datagram: bytes, txid: bytes, secret: bytes | None) -> bool:
         message = decode(datagram, secret)
     except DecodeError:
         return False
-    return message.header.txid == txid and isinstance(message.body, Pong)
+    for_us = message.binding is None or message.binding.receiver_id == DOCTOR_ID
+    return message.header.txid == txid and isinstance(message.body, Pong) and for_us
 
 
 def check_router(config: Config, environ: Mapping[str, str], timeout: float) -> Finding:
@@ -650,7 +660,8 @@ def check_router(config: Config, environ: Mapping[str, str], timeout: float) -> 
         )[0]
         with socket.socket(family, kind) as sock:
             sock.connect(sockaddr)
-            sock.send(ping_datagram(txid, secret))
+            source = sock.getsockname()
+            sock.send(ping_datagram(txid, secret, (source[0], source[1])))
             answered = False
             while not answered:  # a stray datagram is skipped, not taken for the answer
                 answered = is_pong(_receive(sock, started + timeout), txid, secret)

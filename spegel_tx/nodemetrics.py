@@ -242,7 +242,7 @@ class NodeMetrics:
             "spegel_tx_dht_records_stored",
             "Provider records this node holds for others.",
             (),
-            lambda: {(): sum(len(holders) for holders in protocol.records.values())},
+            lambda: {(): len(protocol.records)},
         )
 
     def watch_mirror(self, mirror: Any) -> None:

@@ -33,6 +33,7 @@ from spegel_tx.registry.app import Registry
 from spegel_tx.registry.connections import peer_agent
 from spegel_tx.registry.mirror import Mirror, MirrorSettings
 from spegel_tx.routing.bootstrap import DNSBootstrapper, StaticBootstrapper
+from spegel_tx.routing.kademlia.limits import Limits
 from spegel_tx.routing.kademlia.protocol import KademliaProtocol
 from spegel_tx.routing.kademlia.router import KademliaRouter
 from spegel_tx.shutdown import GracefulNode
@@ -173,6 +174,10 @@ def make_service(config: Config, reactor: Any, *, secret: bytes | None, node_id:
         registry_port=config.registry_addr.port,
         secret=secret,
         record_ttl=config.router_record_ttl,
+        limits=Limits(
+            records=config.router_max_records,
+            records_per_host=config.router_max_records_per_host,
+        ),
     )
     udp = UDPServer(
         config.router_addr.port, protocol, interface=config.router_addr.host, reactor=reactor

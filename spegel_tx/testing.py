@@ -376,7 +376,9 @@ class SimulatedCluster:
         scaled down together, so that a republish and an expiry fit in a few simulated
         minutes rather than twenty, each minute of which costs every node a bootstrap."""
         self.clock = SimulationClock()
-        self._record_ttl = record_ttl
+        self._protocol_options: dict[str, Any] = {}
+        if record_ttl is not None:
+            self._protocol_options["record_ttl"] = record_ttl
         self._router_options: dict[str, float] = {}
         if republish_interval is not None:
             self._router_options["republish_interval"] = republish_interval
@@ -399,9 +401,8 @@ class SimulatedCluster:
             5000 + index % 3,
             secret=self._secret,
             randbytes=random.Random(self._ids.getrandbits(64)).randbytes,
+            **self._protocol_options,
         )
-        if self._record_ttl is not None:
-            protocol.record_ttl = self._record_ttl
         self.network.attach(protocol, simulated_host(index), self.ROUTER_PORT)
         router = KademliaRouter(
             self.clock, protocol, self._seeds, self.ROUTER_PORT, **self._router_options

@@ -3,8 +3,10 @@ valid Kubernetes objects, a node.yaml the daemon loads, commands the real CLIs a
 
 from __future__ import annotations
 
+import base64
 import json
 import re
+import shutil
 import tomllib
 from collections.abc import Sequence
 from functools import cache
@@ -15,11 +17,11 @@ import kubernetes_validate
 import pytest
 import yaml
 from helm_python import HelmRenderError
-from helm_python.chart import lint
+from helm_python.chart import Chart, lint
 
 import spegel_tx
 from deploy.render import CHART, MANIFESTS, is_hook, plain_manifests, render, split_documents
-from spegel_tx.config import Config, load_config
+from spegel_tx.config import Config, load_config, router_secret
 from tests.support.processes import spegel_tx_cli
 
 KUBERNETES = "1.30.0"
@@ -336,15 +338,54 @@ def test_registry_reaches_containerd_by_host_port_or_node_local_service():
         render({"service": {"registry": {"mode": "hostNetwork"}}})
 
 
+def router_secret_env(values: dict[str, Any]) -> list[dict[str, Any]]:
+    return container(daemonset(values)["spec"]["template"]["spec"], "spegel-tx")["env"]
+
+
 def test_router_secret_comes_from_the_named_secret():
-    daemon = container(daemonset(CASES["routerSecret"])["spec"]["template"]["spec"], "spegel-tx")
-    assert daemon["env"] == [
+    assert router_secret_env(CASES["routerSecret"]) == [
         {
             "name": "ROUTER_SECRET",
             "valueFrom": {"secretKeyRef": {"name": "dht-secret", "key": "key"}},
         }
     ]
-    assert "env" not in container(daemonset({})["spec"]["template"]["spec"], "spegel-tx")
+    assert [d for d in documents(CASES["routerSecret"]) if d["kind"] == "Secret"] == []
+
+
+def test_without_a_named_secret_the_chart_makes_one_the_daemon_accepts():
+    secret = find(documents({}), "Secret", "spegel-tx-router")
+    assert router_secret_env({}) == [
+        {
+            "name": "ROUTER_SECRET",
+            "valueFrom": {"secretKeyRef": {"name": "spegel-tx-router", "key": "secret"}},
+        }
+    ]
+    value = base64.b64decode(secret["data"]["secret"]).decode()
+    assert re.fullmatch(r"[A-Za-z0-9]{48}", value), "48 random letters and digits"
+    assert router_secret(Config(), environ={"ROUTER_SECRET": value}) == value.encode()
+    # Another install draws another secret: no two clusters share one.
+    other = render({}, name="elsewhere")["spegel-tx/templates/router-secret.yaml"]
+    assert secret["data"]["secret"] not in other
+
+
+def test_an_upgrade_keeps_the_router_secret(tmp_path):
+    """Helm's ``lookup`` needs a cluster: here the template is handed the Secret an earlier
+    install left (what lookup returns on ``helm upgrade``) in place of the call."""
+    chart = tmp_path / "spegel-tx"
+    shutil.copytree(CHART, chart)
+    helpers = chart / "templates" / "_helpers.tpl"
+    call = (
+        'lookup "v1" "Secret" (include "spegel-tx.namespace" .) '
+        '(include "spegel-tx.routerSecretName" .)'
+    )
+    installed = base64.b64encode(b"drawn-at-install-0123456789").decode()
+    answer = f'(dict "kind" "Secret" "data" (dict "secret" "{installed}"))'
+    assert call in helpers.read_text()
+    helpers.write_text(helpers.read_text().replace(call, answer))
+    rendered = Chart.load(chart).render(
+        {}, name="spegel-tx", namespace="spegel-tx", is_upgrade=True
+    )["spegel-tx/templates/router-secret.yaml"]
+    assert yaml.safe_load(rendered)["data"] == {"secret": installed}
 
 
 def test_service_monitor_scrapes_the_metrics_service():

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import shlex
 import shutil
 import subprocess
 import tomllib
 from pathlib import Path
 
-from spegel_tx.config import load_config
+from spegel_tx.config import load_config, router_secret
 from tests.support.processes import ROOT, spegel_tx_cli
 
 UNITS = ROOT / "deploy" / "systemd"
@@ -52,15 +54,36 @@ def test_systemd_analyze_verify_accepts_both_units(tmp_path):
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
 
 
-def test_daemon_runs_the_example_node_yaml(twistd_config):
+def test_daemon_runs_the_example_node_yaml(twistd_config, tmp_path):
     args = exec_start("spegel-tx.service")
     assert args[0] == f"{BIN}twistd"
-    example = UNITS / "node.yaml"
+    # The secret file the example names is made on the node (see its comment); here,
+    # one made the same way stands in for it.
+    secret = tmp_path / "router-secret"
+    secret.write_bytes(os.urandom(24).hex().encode())
+    example = tmp_path / "node.yaml"
+    example.write_text(
+        (UNITS / "node.yaml").read_text().replace("/etc/spegel-tx/router-secret", str(secret))
+    )
     args = [a.replace("/etc/spegel-tx/node.yaml", str(example)) for a in args[1:]]
     config = twistd_config(args)
     assert config == load_config(str(example), environ={})
     assert config.bootstrap_kind == "static" and config.static_bootstrap_peers
     assert config.data_dir == f"/var/lib/{unit_settings('spegel-tx.service')['StateDirectory']}"
+
+
+def test_the_example_signs_the_dht_with_the_secret_its_comment_makes(tmp_path):
+    config = load_config(str(UNITS / "node.yaml"), environ={})
+    assert config.router_secret_file == "/etc/spegel-tx/router-secret"
+    text = (UNITS / "node.yaml").read_text()
+    (command,) = [line.strip("# ") for line in text.splitlines() if "/dev/urandom" in line]
+    made = tmp_path / "router-secret"
+    command = command.replace(config.router_secret_file, str(made))
+    subprocess.run(["sh", "-c", command], check=True, timeout=10)
+    assert made.stat().st_mode & 0o077 == 0, "readable by root only"
+    with_file = dataclasses.replace(config, router_secret_file=str(made))
+    secret = router_secret(with_file, environ={})
+    assert secret is not None and len(secret) >= 32
 
 
 def test_configure_points_containerd_at_the_node_yaml_registry(tmp_path):

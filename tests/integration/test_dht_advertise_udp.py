@@ -70,7 +70,7 @@ async def test_one_call_places_every_record_and_keeps_every_peer(
     await advertiser.advertise(KEYS)
 
     stored = sum(
-        1 for key in KEYS for holder in holders if holder.protocol.providers_of(key_id(key))
+        1 for key in KEYS for holder in holders if holder.protocol.records.providers_of(key_id(key))
     )
     assert stored == len(KEYS) * len(holders), "with 20 nodes, every key lives on all 19 others"
     assert len(advertiser.protocol.table) == others, "no peer was evicted by the burst"

@@ -188,3 +188,17 @@ def test_a_size_without_a_known_unit_names_the_key():
 )
 def test_sizes_are_written_back_in_the_largest_unit(size, text):
     assert format_size(size) == text
+
+
+def test_record_limits_are_whole_numbers_the_total_at_least_one_host_s(tmp_path):
+    config = load_config(
+        write(tmp_path, "router-max-records: 5000\nrouter-max-records-per-host: 500\n"),
+        environ={},
+    )
+    assert (config.router_max_records, config.router_max_records_per_host) == (5000, 500)
+    with pytest.raises(ConfigError, match=r"^router-max-records: .*router-max-records-per-host"):
+        load_config(environ={"ROUTER_MAX_RECORDS": "10", "ROUTER_MAX_RECORDS_PER_HOST": "20"})
+    with pytest.raises(ConfigError, match=r"^router-max-records-per-host: must be at least 1"):
+        load_config(environ={"ROUTER_MAX_RECORDS_PER_HOST": "0"})
+    with pytest.raises(ConfigError, match=r"^router-max-records: .*whole number"):
+        load_config(environ={"ROUTER_MAX_RECORDS": "lots"})

@@ -13,8 +13,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
-from spegel_tx.routing.kademlia.codec import encode
-from spegel_tx.routing.kademlia.messages import AddProvider, Contact, Header, Message, Ping, Pong
+from spegel_tx.routing.kademlia.codec import encode, split_keys
+from spegel_tx.routing.kademlia.messages import (
+    AddProvider,
+    Binding,
+    Contact,
+    Header,
+    Message,
+    MessageType,
+    Ping,
+    Pong,
+)
 from spegel_tx.routing.kademlia.node import key_id, random_node_id
 from spegel_tx.routing.kademlia.protocol import KademliaProtocol
 from spegel_tx.routing.kademlia.router import KademliaRouter
@@ -111,13 +120,18 @@ def test_an_answer_nobody_asked_for_is_dropped() -> None:
     assert protocol.counters["dropped_unexpected"] == 1
 
 
+def signed_ping(sender: bytes, receiver: bytes, stamp: float, source: str = "10.0.0.1") -> bytes:
+    binding = Binding(receiver, source, 5001)
+    header = Header(b"abcdefgh", sender, 5000, int(stamp * 1000))
+    return encode(Message(header, Ping(), binding), b"k")
+
+
 @pytest.mark.parametrize("age", [61.0, -61.0])
 def test_stale_authenticated_datagrams_are_dropped(age: float) -> None:
     clock = Clock()
     clock.advance(1000)
     protocol = KademliaProtocol(clock, random_node_id(), 5000, secret=b"k")
-    stamp = int((clock.seconds() - age) * 1000)
-    datagram = encode(Message(Header(b"abcdefgh", random_node_id(), 5000, stamp), Ping()), b"k")
+    datagram = signed_ping(random_node_id(), protocol.node_id, clock.seconds() - age)
     protocol.datagramReceived(datagram, ("10.0.0.1", 5001))
     assert protocol.counters["dropped_stale"] == 1
 
@@ -125,7 +139,7 @@ def test_stale_authenticated_datagrams_are_dropped(age: float) -> None:
 def test_replayed_authenticated_request_is_dropped() -> None:
     clock = Clock()
     protocol = KademliaProtocol(clock, random_node_id(), 5000, secret=b"k")
-    datagram = encode(Message(Header(b"abcdefgh", random_node_id(), 5000, 0), Ping()), b"k")
+    datagram = signed_ping(random_node_id(), protocol.node_id, 0)
     protocol.datagramReceived(datagram, ("10.0.0.1", 5001))
     protocol.datagramReceived(datagram, ("10.0.0.1", 5001))
     assert protocol.counters["dropped_replay"] == 1
@@ -149,7 +163,7 @@ def test_keys_advertised_before_any_peer_answered_are_placed_once_one_does() -> 
         clock.advance(0.1)
 
     assert router.ready()
-    assert peer.providers_of(key_id(key)) != [], "the early advertisement reached the peer"
+    assert peer.records.providers_of(key_id(key)) != [], "the early advertisement reached the peer"
     router.stopService()
 
 
@@ -191,7 +205,7 @@ def test_keys_of_a_lone_node_are_placed_once_a_peer_contacts_it() -> None:
     for _ in range(1200):  # the lone node's next periodic join
         clock.advance(0.1)
 
-    assert second.providers_of(key_id(key)) != [], "the lone node's keys reached its peer"
+    assert second.records.providers_of(key_id(key)) != [], "the lone node's keys reached its peer"
     alone.stopService()
     joiner.stopService()
 
@@ -205,3 +219,48 @@ def test_every_datagram_names_its_senders_registry_as_alive() -> None:
     cluster.wait(cluster.routers[1].advertise(["sha256:" + "cd" * 32]))
 
     assert cluster.address(1) in seen
+
+
+def test_a_lone_node_places_its_keys_as_soon_as_its_first_peer_appears() -> None:
+    clock = Clock()
+    network = MemoryUDPNetwork(clock)
+    first = KademliaProtocol(clock, random_node_id(), registry_port=5000)
+    network.attach(first, "10.0.0.1", 5001)
+    alone = KademliaRouter(clock, first, FixedBootstrapper([]), 5001)
+    alone.startService()
+    key = "docker.io/library/first:1"
+    alone.advertise([key])
+    for _ in range(600):
+        clock.advance(0.1)
+    # Its attempts to join came at 0, 0.5, 1.5 ... 31.5 s; the next is due at 61.5 s.
+    assert clock.seconds() == pytest.approx(60.0)
+
+    second = KademliaProtocol(clock, random_node_id(), registry_port=5000)
+    network.attach(second, "10.0.0.2", 5001)
+    second.ping(Contact(b"", "10.0.0.1", 5001))
+    appeared = clock.seconds()
+    while not second.records.providers_of(key_id(key)) and clock.seconds() < appeared + 5:
+        clock.advance(0.001)
+    assert second.records.providers_of(key_id(key)) != [], "the lone node's keys reached its peer"
+    assert clock.seconds() - appeared < 0.1, "within a few round trips, not at its next attempt"
+    alone.stopService()
+
+
+def test_stores_that_fail_at_once_are_counted_lost_one_after_another() -> None:
+    cluster = SimulatedCluster(3)
+    advertiser = cluster.routers[0].protocol
+    transport = advertiser.transport
+    assert transport is not None
+    write = transport.write
+
+    def unreachable(packet: bytes, addr: tuple[str, int] | None = None) -> None:
+        if packet[3] == MessageType.ADD_PROVIDER:
+            raise OSError(101, "Network is unreachable")
+        write(packet, addr)
+
+    transport.write = unreachable  # type: ignore[method-assign]
+    keys = [f"sha256:{n:064x}" for n in range(10_000)]
+    result = cluster.wait(cluster.routers[0].advertise(keys))
+    assert result is None, "hundreds of stores failing at once end the call cleanly"
+    batches = 2 * len(split_keys(keys))  # both other nodes hold every key
+    assert advertiser.counters["stores_lost"] == advertiser.counters["send_errors"] == batches

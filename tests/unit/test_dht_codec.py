@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spegel_tx.routing.kademlia.codec import (
+    BINDING_SIZE,
     HEADER_SIZE,
     MAX_KEYS_PER_DATAGRAM,
+    SIGNED_TRAILER,
     TAG_SIZE,
     DecodeError,
+    body_room,
+    canonical_host,
     decode,
     encode,
     fit_contacts,
@@ -25,6 +31,7 @@ from spegel_tx.routing.kademlia.messages import (
     MAX_DATAGRAM,
     Ack,
     AddProvider,
+    Binding,
     Body,
     Contact,
     FindNode,
@@ -77,8 +84,8 @@ def bodies(kind: MessageType, hosts: st.SearchStrategy[str]) -> st.SearchStrateg
         MessageType.ACK: st.just(Ack()),
         MessageType.FIND_NODE: st.builds(FindNode, ids),
         MessageType.GET_PROVIDERS: st.builds(GetProviders, ids),
-        MessageType.NODES: st.builds(Nodes, contacts(hosts, 22)),
-        MessageType.PROVIDERS: st.builds(Providers, providers(hosts, 11), contacts(hosts, 11)),
+        MessageType.NODES: st.builds(Nodes, contacts(hosts, 21)),
+        MessageType.PROVIDERS: st.builds(Providers, providers(hosts, 11), contacts(hosts, 10)),
         MessageType.ADD_PROVIDER: st.builds(AddProvider, keys),
         MessageType.REMOVE_PROVIDER: st.builds(RemoveProvider, keys),
     }[kind]
@@ -86,6 +93,15 @@ def bodies(kind: MessageType, hosts: st.SearchStrategy[str]) -> st.SearchStrateg
 
 all_bodies = st.one_of(*(bodies(kind, any_hosts) for kind in MessageType))
 messages = st.builds(Message, headers, all_bodies)
+
+
+def binding_of(hosts: st.SearchStrategy[str]) -> st.SearchStrategy[Binding]:
+    """Bindings as decoding gives them back: an IPv4-mapped address comes back as IPv4."""
+    return st.builds(Binding, ids, hosts.map(canonical_host), ports)
+
+
+bindings = binding_of(any_hosts)
+signed_messages = st.builds(Message, headers, all_bodies, bindings)
 
 
 def reason(data: bytes, secret: bytes | None = None) -> str:
@@ -105,35 +121,74 @@ def provider(index: int, family: int = 6) -> Provider:
 
 
 HEADER = Header(b"\x00\x01\x02\x03\x04\x05\x06\x07", b"\xaa" * ID_LENGTH, 5000, 1_700_000_000_000)
+BINDING = Binding(b"\xbb" * ID_LENGTH, "10.0.0.1", 5001)
+
+
+def signed(body: Body) -> Message:
+    return Message(HEADER, body, BINDING)
+
 
 # Round trips
 
 
-@settings(max_examples=50)
+@settings(max_examples=50, deadline=None)
 @given(data=st.data())
 def test_every_message_type_round_trips(data):
     # One loop, not parametrize: pytest-twisted re-wraps a @given test once per parameter.
     for kind in MessageType:
         for hosts in (v4_hosts, v6_hosts):
-            message = Message(data.draw(headers), data.draw(bodies(kind, hosts)))
-            for secret in (None, data.draw(st.binary(max_size=64))):
-                datagram = encode(message, secret)
+            plain = Message(data.draw(headers), data.draw(bodies(kind, hosts)))
+            binding = data.draw(binding_of(hosts))
+            secret = data.draw(st.binary(max_size=64))
+            for message, key in ((plain, None), (replace(plain, binding=binding), secret)):
+                datagram = encode(message, key)
                 assert len(datagram) <= MAX_DATAGRAM
                 assert datagram[3] == kind
-                assert decode(datagram, secret) == message
+                assert decode(datagram, key) == message
 
 
-@given(messages, secrets)
-def test_mixed_families_round_trip(message, secret):
+@given(messages, bindings, secrets)
+def test_mixed_families_round_trip(message, binding, secret):
+    if secret is not None:
+        message = replace(message, binding=binding)
     assert decode(encode(message, secret), secret) == message
 
 
-@given(messages)
-def test_the_tag_is_exactly_the_last_32_bytes(message):
+@given(messages, bindings)
+def test_the_trailer_is_the_binding_then_the_tag(message, binding):
     plain = encode(message)
-    tagged = encode(message, SECRET)
-    assert tagged == plain + hmac.new(SECRET, plain, hashlib.sha256).digest()
-    assert len(tagged) == len(plain) + TAG_SIZE
+    tagged = encode(replace(message, binding=binding), SECRET)
+    assert tagged[: len(plain)] == plain
+    trailer = tagged[len(plain) : -TAG_SIZE]
+    assert trailer[:ID_LENGTH] == binding.receiver_id
+    address = ipaddress.ip_address(binding.sender_host)
+    if address.version == 4:
+        address = ipaddress.IPv6Address(b"\x00" * 10 + b"\xff\xff" + address.packed)
+    assert trailer[ID_LENGTH:-2] == address.packed
+    assert trailer[-2:] == binding.sender_port.to_bytes(2, "big")
+    assert tagged[-TAG_SIZE:] == hmac.new(SECRET, tagged[:-TAG_SIZE], hashlib.sha256).digest()
+    assert len(tagged) == len(plain) + BINDING_SIZE + TAG_SIZE == len(plain) + SIGNED_TRAILER
+
+
+def test_a_signed_datagram_needs_its_binding():
+    with pytest.raises(ValueError, match="binding"):
+        encode(Message(HEADER, Ping()), SECRET)
+
+
+@pytest.mark.parametrize(
+    ("host", "canonical"),
+    [
+        ("10.0.0.1", "10.0.0.1"),
+        ("::ffff:10.0.0.1", "10.0.0.1"),
+        ("fe80::1%eth0", "fe80::1"),
+        ("2001:DB8::0001", "2001:db8::1"),
+    ],
+)
+def test_a_binding_carries_the_canonical_address(host, canonical):
+    assert canonical_host(host) == canonical
+    message = Message(HEADER, Ping(), Binding(bytes(ID_LENGTH), host, 5001))
+    binding = decode(encode(message, SECRET), SECRET).binding
+    assert binding == Binding(bytes(ID_LENGTH), canonical, 5001)
 
 
 def test_a_scoped_ipv6_host_travels_without_its_zone():
@@ -179,7 +234,7 @@ def test_arbitrary_bytes_raise_only_decode_error(data, secret):
 )
 def test_arbitrary_bodies_behind_a_valid_header_raise_only_decode_error(kind, rest, body):
     # Past the magic and version, so the body parsers see the random bytes.
-    decodes_or_refuses(b"SX\x01" + bytes([kind]) + rest + body, None)
+    decodes_or_refuses(b"SX\x02" + bytes([kind]) + rest + body, None)
 
 
 @settings(max_examples=300)
@@ -203,7 +258,7 @@ def expected_reason(position: int) -> str:
 
 
 @settings(max_examples=200)
-@given(messages, st.data())
+@given(signed_messages, st.data())
 def test_a_mutated_authenticated_datagram_never_decodes(message, data):
     datagram = encode(message, SECRET)
     position = data.draw(st.integers(0, len(datagram) - 1))
@@ -225,7 +280,7 @@ def test_a_mutated_authenticated_datagram_never_decodes(message, data):
     ids=["ping", "providers"],
 )
 def test_every_single_byte_change_of_an_authenticated_datagram_is_refused(body):
-    datagram = encode(Message(HEADER, body), SECRET)
+    datagram = encode(signed(body), SECRET)
     for position in range(len(datagram)):
         for flip in range(1, 256):
             mutated = bytearray(datagram)
@@ -233,7 +288,7 @@ def test_every_single_byte_change_of_an_authenticated_datagram_is_refused(body):
             assert reason(bytes(mutated), SECRET) == expected_reason(position), position
 
 
-@given(messages)
+@given(signed_messages)
 def test_every_truncation_or_extension_of_an_authenticated_datagram_is_refused(message):
     datagram = encode(message, SECRET)
     for cut in range(len(datagram)):
@@ -259,7 +314,8 @@ def test_reasons():
     assert reason(ping[: HEADER_SIZE - 1]) == "short"
     assert reason(ping + bytes(MAX_DATAGRAM)) == "oversize"
     assert reason(b"XS" + ping[2:]) == "magic"
-    assert reason(ping[:2] + b"\x02" + ping[3:]) == "version"
+    assert reason(ping[:2] + b"\x01" + ping[3:]) == "version"
+    assert reason(ping[:2] + b"\x03" + ping[3:]) == "version"
     assert reason(ping[:2] + b"\x00" + ping[3:]) == "version"
     assert reason(ping[:3] + b"\x00" + ping[4:]) == "type"
     assert reason(ping[:3] + b"\x0a" + ping[4:]) == "type"
@@ -267,9 +323,9 @@ def test_reasons():
 
 
 def test_magic_version_and_type_are_reported_with_a_secret_too():
-    ping = encode(Message(HEADER, Ping()), SECRET)
+    ping = encode(signed(Ping()), SECRET)
     assert reason(b"XS" + ping[2:], SECRET) == "magic"
-    assert reason(ping[:2] + b"\x02" + ping[3:], SECRET) == "version"
+    assert reason(ping[:2] + b"\x01" + ping[3:], SECRET) == "version"
     # A correctly tagged datagram of an unknown type: the tag is fine, the type is not.
     body = ping[:3] + b"\xff" + ping[4:-TAG_SIZE]
     assert reason(body + hmac.new(SECRET, body, hashlib.sha256).digest(), SECRET) == "type"
@@ -277,12 +333,15 @@ def test_magic_version_and_type_are_reported_with_a_secret_too():
 
 def test_authentication_reasons():
     plain = encode(Message(HEADER, Ping()))
-    tagged = encode(Message(HEADER, Ping()), SECRET)
+    tagged = encode(signed(Ping()), SECRET)
     assert reason(plain, SECRET) == "auth"  # no tag at all
     assert reason(tagged, b"another secret") == "auth"
     assert reason(tagged[:-1] + bytes([tagged[-1] ^ 1]), SECRET) == "auth"
     assert reason(tagged) == "trailing"  # a tag the receiver does not expect
-    assert decode(tagged, SECRET) == Message(HEADER, Ping())
+    assert decode(tagged, SECRET) == signed(Ping())
+    # A version 1 signed datagram (a tag, no binding) is refused as another version.
+    old = plain[:2] + b"\x01" + plain[3:]
+    assert reason(old + hmac.new(SECRET, old, hashlib.sha256).digest(), SECRET) == "version"
 
 
 def test_body_reasons():
@@ -338,11 +397,11 @@ def test_encode_refuses_fields_it_cannot_carry(message):
 
 def test_encode_refuses_datagrams_over_the_limit():
     keys = tuple(bytes([i]) * ID_LENGTH for i in range(MAX_KEYS_PER_DATAGRAM + 1))
-    encode(Message(HEADER, AddProvider(keys[:-1])), SECRET)
+    encode(signed(AddProvider(keys[:-1])), SECRET)
     with pytest.raises(ValueError, match="exceeds"):
-        encode(Message(HEADER, AddProvider(keys)), SECRET)
+        encode(signed(AddProvider(keys)), SECRET)
     with pytest.raises(ValueError, match="exceeds"):
-        encode(Message(HEADER, Nodes(tuple(contact(i) for i in range(23)))), SECRET)
+        encode(signed(Nodes(tuple(contact(i) for i in range(22)))), SECRET)
 
 
 # Sizes
@@ -350,22 +409,26 @@ def test_encode_refuses_datagrams_over_the_limit():
 
 def test_sizes():
     assert HEADER_SIZE == 54
+    assert BINDING_SIZE == 50
     assert TAG_SIZE == 32
-    assert MAX_KEYS_PER_DATAGRAM == 35
-    assert len(encode(Message(HEADER, Ping()), SECRET)) == 86
+    assert MAX_KEYS_PER_DATAGRAM == 34
+    assert len(encode(signed(Ping()), SECRET)) == 136
+    assert body_room(MAX_DATAGRAM, signed=True) == 1096
+    assert body_room(MAX_DATAGRAM, signed=False) == 1178
+    assert body_room(86, signed=False) == 32
 
 
 def test_split_keys_batches_fill_authenticated_datagrams():
     keys = [i.to_bytes(ID_LENGTH, "big") for i in range(100)]
     batches = split_keys(keys)
-    assert [len(batch) for batch in batches] == [35, 35, 30]
+    assert [len(batch) for batch in batches] == [34, 34, 32]
     assert [key for batch in batches for key in batch] == keys
     assert split_keys([]) == []
     for batch in batches:
         for body in (AddProvider(batch), RemoveProvider(batch)):
-            assert len(encode(Message(HEADER, body), SECRET)) <= MAX_DATAGRAM
-    full = encode(Message(HEADER, AddProvider(batches[0])), SECRET)
-    assert len(full) == HEADER_SIZE + 1 + 35 * ID_LENGTH + TAG_SIZE == 1207
+            assert len(encode(signed(body), SECRET)) <= MAX_DATAGRAM
+    full = encode(signed(AddProvider(batches[0])), SECRET)
+    assert len(full) == HEADER_SIZE + 1 + 34 * ID_LENGTH + SIGNED_TRAILER == 1225
 
 
 @given(st.lists(ids, max_size=200))
@@ -374,40 +437,47 @@ def test_split_keys_always_fits(keys):
     assert [key for batch in batches for key in batch] == keys
     for batch in batches:
         assert 0 < len(batch) <= MAX_KEYS_PER_DATAGRAM
-        assert len(encode(Message(HEADER, AddProvider(batch)), SECRET)) <= MAX_DATAGRAM
+        assert len(encode(signed(AddProvider(batch)), SECRET)) <= MAX_DATAGRAM
 
 
 def test_k_20_ipv6_contacts_fit_with_a_tag():
     twenty = tuple(contact(i) for i in range(20))
     assert fit_contacts(twenty) == twenty
-    datagram = encode(Message(HEADER, Nodes(twenty)), SECRET)
-    assert len(datagram) == HEADER_SIZE + 1 + 20 * V6_ENTRY + TAG_SIZE == 1107
+    datagram = encode(signed(Nodes(twenty)), SECRET)
+    assert len(datagram) == HEADER_SIZE + 1 + 20 * V6_ENTRY + SIGNED_TRAILER == 1157
 
 
 def test_entry_arithmetic():
-    # Body room with a tag: 1232 - 54 - 32 = 1146 bytes; Nodes spends 1 on its count,
-    # Providers 2. IPv4 entries are 39 bytes, IPv6 ones 51.
-    assert (1146 - 1) // 39 == (1146 - 2) // 39 == 29
-    assert (1146 - 1) // 51 == (1146 - 2) // 51 == 22
+    # Body room with a binding and a tag: 1232 - 54 - 50 - 32 = 1096 bytes; Nodes spends
+    # 1 on its count, Providers 2. IPv4 entries are 39 bytes, IPv6 ones 51.
+    assert (1096 - 1) // 39 == (1096 - 2) // 39 == 28
+    assert (1096 - 1) // 51 == (1096 - 2) // 51 == 21
 
 
-@pytest.mark.parametrize(("family", "most"), [(4, 29), (6, 22)])
+@pytest.mark.parametrize(("family", "most"), [(4, 28), (6, 21)])
 def test_the_largest_fitted_nodes_datagram(family, most):
     fitted = fit_contacts([contact(i, family) for i in range(40)])
     assert len(fitted) == most
-    assert len(encode(Message(HEADER, Nodes(fitted)), SECRET)) <= MAX_DATAGRAM
+    assert len(encode(signed(Nodes(fitted)), SECRET)) <= MAX_DATAGRAM
     with pytest.raises(ValueError):
-        encode(Message(HEADER, Nodes((*fitted, contact(99, family)))), SECRET)
+        encode(signed(Nodes((*fitted, contact(99, family)))), SECRET)
 
 
-@pytest.mark.parametrize(("family", "most"), [(4, 29), (6, 22)])
+@pytest.mark.parametrize(("family", "room", "most"), [(4, 32, 0), (4, 40, 1), (6, 400, 7)])
+def test_contacts_fitted_to_a_smaller_room(family, room, most):
+    fitted = fit_contacts([contact(i, family) for i in range(20)], room)
+    assert len(fitted) == most
+    assert len(encode(Message(HEADER, Nodes(fitted)))) <= HEADER_SIZE + room
+
+
+@pytest.mark.parametrize(("family", "most"), [(4, 28), (6, 21)])
 def test_the_largest_fitted_providers_datagram(family, most):
     fitted_providers, fitted_closer = fit_providers(
         [provider(i, family) for i in range(15)], [contact(i, family) for i in range(20)]
     )
     assert len(fitted_providers) == 15  # providers first,
     assert len(fitted_closer) == most - 15  # closer contacts give way
-    datagram = encode(Message(HEADER, Providers(fitted_providers, fitted_closer)), SECRET)
+    datagram = encode(signed(Providers(fitted_providers, fitted_closer)), SECRET)
     assert len(datagram) <= MAX_DATAGRAM
     only_providers, no_closer = fit_providers([provider(i, family) for i in range(40)], [])
     assert (len(only_providers), no_closer) == (most, ())
@@ -421,34 +491,34 @@ def test_fitted_providers_are_the_longest_prefixes_that_fit(all_providers, all_c
     fitted_providers, fitted_closer = fit_providers(all_providers, all_closer)
     assert list(fitted_providers) == all_providers[: len(fitted_providers)]
     assert list(fitted_closer) == all_closer[: len(fitted_closer)]
-    message = Message(HEADER, Providers(fitted_providers, fitted_closer))
+    message = signed(Providers(fitted_providers, fitted_closer))
     assert len(encode(message, SECRET)) <= MAX_DATAGRAM
     if len(fitted_providers) < len(all_providers):
         assert fitted_closer == ()
         bigger = Providers((*fitted_providers, all_providers[len(fitted_providers)]))
         with pytest.raises(ValueError):
-            encode(Message(HEADER, bigger), SECRET)
+            encode(signed(bigger), SECRET)
     if len(fitted_closer) < len(all_closer):
         bigger = Providers(fitted_providers, (*fitted_closer, all_closer[len(fitted_closer)]))
         with pytest.raises(ValueError):
-            encode(Message(HEADER, bigger), SECRET)
+            encode(signed(bigger), SECRET)
 
 
 @given(st.lists(st.builds(Contact, ids, any_hosts, ports), max_size=40))
 def test_fitted_contacts_are_the_longest_prefix_that_fits(all_contacts):
     fitted = fit_contacts(all_contacts)
     assert list(fitted) == all_contacts[: len(fitted)]
-    assert len(encode(Message(HEADER, Nodes(fitted)), SECRET)) <= MAX_DATAGRAM
+    assert len(encode(signed(Nodes(fitted)), SECRET)) <= MAX_DATAGRAM
     if len(fitted) < len(all_contacts):
         with pytest.raises(ValueError):
-            encode(Message(HEADER, Nodes((*fitted, all_contacts[len(fitted)]))), SECRET)
+            encode(signed(Nodes((*fitted, all_contacts[len(fitted)]))), SECRET)
 
 
 # Golden vectors: the format cannot drift silently
 
 GOLDEN_HEADER = (
     "5358"  # magic "SX"
-    "01"  # version
+    "02"  # version
     "{type}"
     "0001020304050607"  # txid
     + "aa"
@@ -470,11 +540,17 @@ def test_golden_ping():
 
 
 def test_golden_authenticated_ping():
-    # HMAC-SHA256 with key b"k" over the 54 bytes above (hmac.new(...).hexdigest()).
-    tag = "4a1603df3fd66c3de210a6e08fe414e6b2814fd7a1451c5cc696935b065ed861"
-    expected = golden(MessageType.PING, tag)
-    assert encode(Message(HEADER, Ping()), b"k") == expected
-    assert decode(expected, b"k") == Message(HEADER, Ping())
+    trailer = (
+        "bb" * 32  # receiver id
+        + "00000000000000000000ffff0a000001"  # sender 10.0.0.1, IPv4-mapped
+        + "1389"  # sender's router port 5001
+    )
+    # HMAC-SHA256 with key b"k" over the 104 bytes above (hmac.new(...).hexdigest()).
+    tag = "75a4870f57375eb05746570ae792311ebeeedc6400dbc32835b6d7c7f10af50d"
+    expected = golden(MessageType.PING, trailer + tag)
+    assert len(expected) == 136
+    assert encode(signed(Ping()), b"k") == expected
+    assert decode(expected, b"k") == signed(Ping())
 
 
 def test_golden_providers():

@@ -128,7 +128,7 @@ class World:
         for index in self.live:
             protocol = self.cluster.routers[index].protocol
             for target in protocol.records:
-                for record in protocol.providers_of(target):
+                for record in protocol.records.providers_of(target):
                     held.setdefault((target, record.node_id), set()).add(index)
         found = []
         for key in self.keys:
@@ -268,13 +268,15 @@ def vanished(world: World, lossy: Round) -> Vanishing:
     assert cluster.clock.seconds() < REPUBLISH_INTERVAL
     cluster.run(world.advertised_at + RECORD_TTL + 1.0 - cluster.clock.seconds())
     round = world.lookup_round()
-    now = cluster.clock.seconds()
     gone_ids = {world.node_id(index) for index in world.gone}
     leftovers = [
         (index, key)
         for index in world.live
-        for key, records in cluster.routers[index].protocol.records.items()
-        if any(r.provider.node_id in gone_ids and r.expires > now for r in records.values())
+        for key in cluster.routers[index].protocol.records
+        if any(
+            provider.node_id in gone_ids
+            for provider in cluster.routers[index].protocol.records.providers_of(key)
+        )
     ]
     return Vanishing(round, world.placements(), leftovers)
 
@@ -305,7 +307,7 @@ def leave(world: World, leaver: int, keys: list[str], going: Deferred[None]) -> 
         for index in world.live
         if any(
             record.node_id == leaver_id
-            for record in cluster.routers[index].protocol.providers_of(key_id(key))
+            for record in cluster.routers[index].protocol.records.providers_of(key_id(key))
         )
     ]
     # Asked by nodes that hold none of the keys (a node never finds itself).

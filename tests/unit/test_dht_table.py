@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import stat
 
@@ -17,13 +18,15 @@ from spegel_tx.routing.kademlia.node import (
     load_or_create_node_id,
     random_node_id,
 )
-from spegel_tx.routing.kademlia.table import BITS, REPLACEMENTS, RoutingTable
+from spegel_tx.routing.kademlia.table import BITS, RECHECK_AFTER, REPLACEMENTS, RoutingTable, Seen
 
 ids = st.binary(min_size=ID_LENGTH, max_size=ID_LENGTH)
 
 
 def contact(node_id: bytes, port: int = 5001) -> Contact:
-    return Contact(node_id, "10.0.0.1", port)
+    """A node at an address of its own, as every node of a cluster has."""
+    host = str(ipaddress.IPv6Address(hashlib.sha256(node_id).digest()[:16]))
+    return Contact(node_id, host, port)
 
 
 def shared_prefix(a: bytes, b: bytes) -> int:
@@ -124,7 +127,7 @@ def test_bucket_index_is_the_shared_prefix_length(own: bytes, other: bytes) -> N
 
 def test_own_id_is_never_added() -> None:
     table = RoutingTable(OWN)
-    assert table.seen(contact(OWN), 0.0) is None
+    assert table.seen(contact(OWN), 0.0) == Seen()
     assert len(table) == 0
     assert table.get(OWN) is None
     assert table.closest(OWN, 10) == []
@@ -132,25 +135,73 @@ def test_own_id_is_never_added() -> None:
 
 def test_wrong_length_ids_are_ignored() -> None:
     table = RoutingTable(OWN)
-    assert table.seen(contact(b"\x01" * 31), 0.0) is None
+    assert table.seen(contact(b"\x01" * 31), 0.0) == Seen()
     assert len(table) == 0
-    table.failed(b"short")
+    table.failed(contact(b"short"))
     table.touch(b"x" * 40, 0.0)
     with pytest.raises(ValueError):
         RoutingTable(b"short")
 
 
-def test_seen_again_updates_address_and_recency() -> None:
+def test_seen_again_updates_recency() -> None:
     table = RoutingTable(OWN, k=2)
     a, b = id_in_bucket(OWN, 0, 1), id_in_bucket(OWN, 0, 2)
     table.seen(contact(a), 0.0)
     table.seen(contact(b), 1.0)
-    moved = Contact(a, "10.9.9.9", 6001)
-    assert table.seen(moved, 2.0) is None
-    assert table.get(a) == moved
+    assert table.seen(contact(a), 2.0) == Seen()
     assert len(table) == 2
     # a is now the most recent, so b is the one to ping when a newcomer arrives.
-    assert table.seen(contact(id_in_bucket(OWN, 0, 3)), 3.0) == contact(b)
+    assert table.seen(contact(id_in_bucket(OWN, 0, 3)), 3.0) == Seen(check=contact(b))
+
+
+def test_a_live_id_keeps_its_address() -> None:
+    table = RoutingTable(OWN)
+    a = contact(id_in_bucket(OWN, 0, 1))
+    table.seen(a, 0.0)
+    thief = Contact(a.node_id, "10.9.9.9", 6001)
+    # Refused, and the holder named for a ping: is it still there?
+    assert table.seen(thief, 1.0) == Seen(check=a, refused="id_conflict")
+    # Claims that follow are refused without another ping, for a while.
+    assert table.seen(thief, RECHECK_AFTER) == Seen(refused="id_conflict")
+    assert table.seen(thief, 1.0 + RECHECK_AFTER) == Seen(check=a, refused="id_conflict")
+    assert table.get(a.node_id) == a
+    # Only if the holder does not answer does its slot free up.
+    table.failed(a)
+    assert table.seen(thief, 20.0) == Seen()
+    assert table.get(a.node_id) == thief
+
+
+def test_a_failure_at_another_address_evicts_nobody() -> None:
+    table = RoutingTable(OWN)
+    a = contact(id_in_bucket(OWN, 0, 1))
+    table.seen(a, 0.0)
+    table.failed(Contact(a.node_id, "10.9.9.9", a.port))
+    table.failed(Contact(a.node_id, a.host, a.port + 1))
+    assert table.get(a.node_id) == a
+
+
+def test_one_address_holds_few_contacts() -> None:
+    table = RoutingTable(OWN, per_host=2)
+    forged = [Contact(id_in_bucket(OWN, n % 200, n), "10.6.6.6", 5001) for n in range(60)]
+    results = [table.seen(c, float(n)) for n, c in enumerate(forged)]
+    assert [c.node_id for c in table.contacts()] == [forged[0].node_id, forged[1].node_id]
+    assert results[:2] == [Seen(), Seen()]
+    # The stalest of the two is named: if it is gone, a newcomer may take its place.
+    assert results[2:] == [Seen(check=forged[0], refused="host_full")] * 58
+    table.failed(forged[0])
+    assert table.seen(forged[2], 100.0) == Seen()
+    assert len(table) == 2
+    # Other addresses are unaffected.
+    assert table.seen(contact(id_in_bucket(OWN, 3, 1)), 100.0) == Seen()
+
+
+def test_replacements_count_towards_their_address() -> None:
+    table = RoutingTable(OWN, k=1, per_host=2)
+    table.seen(contact(id_in_bucket(OWN, 0, 0)), 0.0)
+    waiting = [Contact(id_in_bucket(OWN, 0, n), "10.6.6.6", 5001) for n in (1, 2, 3)]
+    assert table.seen(waiting[0], 1.0).refused is None
+    assert table.seen(waiting[1], 1.0).refused is None
+    assert table.seen(waiting[2], 1.0).refused == "host_full"
 
 
 def test_full_bucket_returns_least_recently_seen_and_keeps_newcomer() -> None:
@@ -158,13 +209,13 @@ def test_full_bucket_returns_least_recently_seen_and_keeps_newcomer() -> None:
     table = RoutingTable(OWN, k=k)
     members = [contact(id_in_bucket(OWN, 4, n)) for n in range(k)]
     for member in members:
-        assert table.seen(member, 0.0) is None
+        assert table.seen(member, 0.0) == Seen()
     newcomer = contact(id_in_bucket(OWN, 4, 99))
-    assert table.seen(newcomer, 1.0) == members[0]
+    assert table.seen(newcomer, 1.0) == Seen(check=members[0])
     assert table.get(newcomer.node_id) is None
     assert len(table) == k
     # Another bucket is unaffected by this one being full.
-    assert table.seen(contact(id_in_bucket(OWN, 5, 1)), 1.0) is None
+    assert table.seen(contact(id_in_bucket(OWN, 5, 1)), 1.0) == Seen()
     assert len(table) == k + 1
 
 
@@ -174,11 +225,11 @@ def test_answered_ping_keeps_the_old_contact() -> None:
     table.seen(old, 0.0)
     table.seen(other, 0.0)
     newcomer = contact(id_in_bucket(OWN, 0, 3))
-    assert table.seen(newcomer, 1.0) == old
-    assert table.seen(old, 2.0) is None  # the ping was answered
+    assert table.seen(newcomer, 1.0) == Seen(check=old)
+    assert table.seen(old, 2.0) == Seen()  # the ping was answered
     assert {c.node_id for c in table.contacts()} == {old.node_id, other.node_id}
     # The newcomer still waits: when ``other`` fails, it takes the slot.
-    table.failed(other.node_id)
+    table.failed(other)
     assert table.get(newcomer.node_id) == newcomer
 
 
@@ -190,14 +241,14 @@ def test_failed_promotes_the_most_recent_replacement() -> None:
     early, late = contact(id_in_bucket(OWN, 0, 3)), contact(id_in_bucket(OWN, 0, 4))
     table.seen(early, 1.0)
     table.seen(late, 2.0)
-    table.failed(members[0].node_id)
+    table.failed(members[0])
     assert table.get(members[0].node_id) is None
     assert table.get(late.node_id) == late
     assert table.get(early.node_id) is None
-    table.failed(members[1].node_id)
+    table.failed(members[1])
     assert table.get(early.node_id) == early
     # No replacements left: a failure just shrinks the bucket.
-    table.failed(late.node_id)
+    table.failed(late)
     assert {c.node_id for c in table.contacts()} == {early.node_id}
 
 
@@ -207,8 +258,8 @@ def test_failed_replacement_is_never_promoted() -> None:
     table.seen(member, 0.0)
     waiting = contact(id_in_bucket(OWN, 0, 2))
     table.seen(waiting, 0.0)
-    table.failed(waiting.node_id)
-    table.failed(member.node_id)
+    table.failed(waiting)
+    table.failed(member)
     assert len(table) == 0
 
 
@@ -221,7 +272,7 @@ def test_replacement_cache_is_bounded() -> None:
     promoted = []
     while len(table):
         current = table.contacts()[0]
-        table.failed(current.node_id)
+        table.failed(current)
         promoted.extend(table.contacts())
     assert promoted == list(reversed(newcomers[-REPLACEMENTS:]))
 
@@ -231,7 +282,7 @@ def test_remove_and_unknown_ids() -> None:
     a = contact(id_in_bucket(OWN, 3, 1))
     table.seen(a, 0.0)
     table.remove(random_node_id())
-    table.failed(random_node_id())
+    table.failed(contact(random_node_id()))
     assert table.get(a.node_id) == a
     table.remove(a.node_id)
     assert table.get(a.node_id) is None

@@ -30,7 +30,7 @@ from spegel_tx.doctor import (
     review_hosts_toml,
 )
 from spegel_tx.routing.kademlia.codec import decode, encode
-from spegel_tx.routing.kademlia.messages import Header, Message, Ping, Pong
+from spegel_tx.routing.kademlia.messages import NO_RECEIVER, Binding, Header, Message, Ping, Pong
 
 MAIN = "/etc/containerd/config.toml"
 CERTS = "/etc/containerd/certs.d"
@@ -572,18 +572,25 @@ def test_no_peers_advice_names_the_bootstrap_and_the_udp_port():
 @pytest.mark.parametrize("secret", [None, b"s" * 16])
 def test_ping_datagram_and_its_pong(secret):
     txid = b"12345678"
-    ping = decode(ping_datagram(txid, secret), secret)
+    ping = decode(ping_datagram(txid, secret, ("127.0.0.1", 40000)), secret)
     assert isinstance(ping.body, Ping) and ping.header.txid == txid
     assert ping.header.sender_id == DOCTOR_ID
+    if secret is not None:
+        assert ping.binding == Binding(NO_RECEIVER, "127.0.0.1", 40000), "for whoever listens"
     node = b"n" * 32
-    pong = encode(Message(Header(txid, node, 5000, ping.header.timestamp_ms), Pong()), secret)
+
+    def answer(body, receiver=DOCTOR_ID, stamp=ping.header.timestamp_ms):
+        binding = Binding(receiver, "127.0.0.1", 5001) if secret is not None else None
+        return encode(Message(Header(txid, node, 5000, stamp), body, binding), secret)
+
+    pong = answer(Pong())
     assert is_pong(pong, txid, secret)
     assert not is_pong(pong, b"87654321", secret), "another request's answer"
     assert not is_pong(b"garbage", txid, secret)
-    other = encode(Message(Header(txid, node, 5000, 0), Ping()), secret)
-    assert not is_pong(other, txid, secret), "a ping is no answer"
+    assert not is_pong(answer(Ping(), stamp=0), txid, secret), "a ping is no answer"
     if secret is not None:
         assert not is_pong(pong, txid, b"t" * 16), "signed with another secret"
+        assert not is_pong(answer(Pong(), receiver=node), txid, secret), "a pong for another"
 
 
 def test_doctor_command_line_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

@@ -6,15 +6,26 @@ Layout (big-endian):
 offset bytes field
 ====== ===== =====================================================
 0      2     magic ``SX``
-2      1     version (1)
+2      1     version (2)
 3      1     message type
 4      8     transaction id
 12     32    sender node id
 44     2     sender's registry port
 46     8     sender's clock, milliseconds since the epoch
 54     ...   body
-end-32 32    HMAC-SHA256 of all before it (only with a cluster secret)
 ====== ===== =====================================================
+
+With a cluster secret, a signed trailer follows the body:
+
+====== ===== =====================================================
+end-82 32    receiver's node id (zeros: not known yet, Ping only)
+end-50 16    sender's address as the receiver sees it (IPv4 as ``::ffff:a.b.c.d``)
+end-34 2     sender's router port
+end-32 32    HMAC-SHA256 of all before it
+====== ===== =====================================================
+
+The trailer binds the datagram to one receiver and one source: replayed to
+another node, or from another address, it is dropped (version 1 had no trailer).
 
 Bodies: an id or key is 32 bytes; a list is a 1-byte count then its items;
 an address is a family byte (4 or 6) then 4 or 16 bytes; a contact or
@@ -48,6 +59,7 @@ from spegel_tx.routing.kademlia.messages import (
     MAX_DATAGRAM,
     Ack,
     AddProvider,
+    Binding,
     Body,
     Contact,
     FindNode,
@@ -64,17 +76,21 @@ from spegel_tx.routing.kademlia.messages import (
 )
 
 MAGIC = b"SX"
-VERSION = 1
+VERSION = 2
 TXID_LENGTH = 8
 _HEADER = struct.Struct(">2sBB8s32sHQ")
 _PORT = struct.Struct(">H")
+_BINDING = struct.Struct(">32s16sH")
 HEADER_SIZE = _HEADER.size
+BINDING_SIZE = _BINDING.size
 TAG_SIZE = hashlib.sha256().digest_size
+SIGNED_TRAILER = BINDING_SIZE + TAG_SIZE
+_V4_MAPPED = bytes(10) + b"\xff\xff"
 _ENTRY_FIXED = ID_LENGTH + 1 + _PORT.size
 """A contact or provider without its address bytes: id, family byte, port."""
 _MIN_ENTRY = _ENTRY_FIXED + 4
 _MAX_COUNT = 255
-_BODY_ROOM = MAX_DATAGRAM - HEADER_SIZE - TAG_SIZE
+_BODY_ROOM = MAX_DATAGRAM - HEADER_SIZE - SIGNED_TRAILER
 """Body bytes left in an authenticated datagram: the worst case callers must plan for."""
 
 MAX_KEYS_PER_DATAGRAM = min(_MAX_COUNT, (_BODY_ROOM - 1) // ID_LENGTH)
@@ -192,12 +208,38 @@ def _tag(secret: bytes, data: bytes) -> bytes:
     return hmac.new(secret, data, hashlib.sha256).digest()
 
 
-def encode(message: Message, secret: bytes | None = None) -> bytes:
-    """The datagram for ``message``, tagged when there is a secret.
+def _binding(binding: Binding) -> bytes:
+    packed = _packed(binding.sender_host)
+    return _BINDING.pack(
+        _check_bytes(binding.receiver_id, ID_LENGTH, "receiver id"),
+        _V4_MAPPED + packed if len(packed) == 4 else packed,
+        _check_uint(binding.sender_port, 16, "sender port"),
+    )
 
-    ValueError if a field is out of range, a host is not an IP literal, or the
-    datagram would exceed MAX_DATAGRAM: callers split with ``split_keys`` and
-    the ``fit_*`` helpers, since IP fragments are often lost.
+
+def _unmapped(packed: bytes) -> bytes:
+    return packed[len(_V4_MAPPED) :] if packed.startswith(_V4_MAPPED) else packed
+
+
+def _binding_from(trailer: bytes) -> Binding:
+    receiver_id, address, port = _BINDING.unpack(trailer)
+    return Binding(receiver_id, _host_text(_unmapped(address)), port)
+
+
+@functools.lru_cache(maxsize=4096)
+def canonical_host(host: str) -> str:
+    """``host`` as a binding carries it: no IPv6 zone, an IPv4-mapped address as IPv4.
+    ValueError if it is no IP address."""
+    return _host_text(_unmapped(_packed(host)))
+
+
+def encode(message: Message, secret: bytes | None = None) -> bytes:
+    """The datagram for ``message``, with its binding and tag when there is a secret.
+
+    ValueError if a field is out of range, a host is not an IP literal, a signed
+    message has no binding, or the datagram would exceed MAX_DATAGRAM: callers
+    split with ``split_keys`` and the ``fit_*`` helpers, since IP fragments are
+    often lost.
     """
     header = message.header
     data = _HEADER.pack(
@@ -210,6 +252,9 @@ def encode(message: Message, secret: bytes | None = None) -> bytes:
         _check_uint(header.timestamp_ms, 64, "timestamp"),
     ) + _body(message.body)
     if secret is not None:
+        if message.binding is None:
+            raise ValueError("a signed datagram needs a binding: its receiver and source")
+        data += _binding(message.binding)
         data += _tag(secret, data)
     if len(data) > MAX_DATAGRAM:
         raise ValueError(f"{message.type.name} of {len(data)} bytes exceeds {MAX_DATAGRAM}")
@@ -308,12 +353,15 @@ def decode(data: bytes, secret: bytes | None = None) -> Message:
         raise DecodeError("magic")
     if version != VERSION:
         raise DecodeError("version")
+    binding = None
     if secret is not None:
-        if len(data) < HEADER_SIZE + TAG_SIZE:
+        if len(data) < HEADER_SIZE + SIGNED_TRAILER:
             raise DecodeError("auth")
         data, tag = data[:-TAG_SIZE], data[-TAG_SIZE:]
         if not hmac.compare_digest(tag, _tag(secret, data)):
             raise DecodeError("auth")
+        data, trailer = data[:-BINDING_SIZE], data[-BINDING_SIZE:]
+        binding = _binding_from(trailer)
     try:
         message_type = MessageType(kind)
     except ValueError:
@@ -321,7 +369,7 @@ def decode(data: bytes, secret: bytes | None = None) -> Message:
     reader = _Reader(data, HEADER_SIZE)
     body = _decode_body(message_type, reader)
     reader.finish()
-    return Message(Header(txid, sender_id, registry_port, timestamp_ms), body)
+    return Message(Header(txid, sender_id, registry_port, timestamp_ms), body, binding)
 
 
 # Filling datagrams
@@ -352,22 +400,29 @@ def split_keys(keys: Sequence[bytes]) -> list[tuple[bytes, ...]]:
     return [tuple(keys[i : i + step]) for i in range(0, len(keys), step)]
 
 
-def fit_contacts(contacts: Sequence[Contact]) -> tuple[Contact, ...]:
-    """The leading contacts (closest first) that fit one authenticated Nodes datagram."""
-    if len(contacts) <= _SURELY_FIT:
+def body_room(size: int, signed: bool) -> int:
+    """Body bytes in a datagram of ``size`` bytes: what an answer may fill when it is
+    held to fewer bytes than the largest datagram."""
+    return min(size, MAX_DATAGRAM) - HEADER_SIZE - (SIGNED_TRAILER if signed else 0)
+
+
+def fit_contacts(contacts: Sequence[Contact], room: int = _BODY_ROOM) -> tuple[Contact, ...]:
+    """The leading contacts (closest first) that fit one Nodes body of ``room`` bytes
+    (by default, what any authenticated datagram has)."""
+    if room >= _BODY_ROOM and len(contacts) <= _SURELY_FIT:
         return tuple(contacts)
-    taken, _ = _prefix_fitting([c.host for c in contacts], _BODY_ROOM - 1)
+    taken, _ = _prefix_fitting([c.host for c in contacts], min(room, _BODY_ROOM) - 1)
     return tuple(contacts[:taken])
 
 
 def fit_providers(
-    providers: Sequence[Provider], closer: Sequence[Contact]
+    providers: Sequence[Provider], closer: Sequence[Contact], room: int = _BODY_ROOM
 ) -> tuple[tuple[Provider, ...], tuple[Contact, ...]]:
-    """The leading providers and closer contacts that fit one authenticated Providers
-    datagram; providers answer the question, so closer contacts give way first."""
-    if len(providers) + len(closer) <= _SURELY_FIT:
+    """The leading providers and closer contacts that fit one Providers body of ``room``
+    bytes; providers answer the question, so closer contacts give way first."""
+    if room >= _BODY_ROOM and len(providers) + len(closer) <= _SURELY_FIT:
         return tuple(providers), tuple(closer)
-    room = _BODY_ROOM - 2
+    room = min(room, _BODY_ROOM) - 2
     taken_providers, used = _prefix_fitting([p.host for p in providers], room)
     taken_closer, _ = _prefix_fitting([c.host for c in closer], room - used)
     return tuple(providers[:taken_providers]), tuple(closer[:taken_closer])

@@ -8,6 +8,7 @@ the same key share one set of datagrams however many callers wait on it.
 from __future__ import annotations
 
 import bisect
+from collections import Counter
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, succeed
@@ -57,8 +58,10 @@ class Search:
         self._asked: set[bytes] = set()
         self._answered: dict[bytes, Contact] = {}
         self._in_flight = 0
+        self._per_host: Counter[str] = Counter()
+        """Candidates taken from each address, failed ones included."""
         self.providers: list[Provider] = []
-        self._provider_ids: set[bytes] = set()
+        self._provider_addresses: set[tuple[str, int]] = set()
         self.done = False
         self.messages = 0
         self._listeners: list[Callable[[], None]] = []
@@ -68,7 +71,7 @@ class Search:
         protocol = self._protocol
         protocol.table.touch(self.target, protocol.clock.seconds())
         if self._find_providers:
-            for provider in protocol.providers_of(self.target):
+            for provider in protocol.records.providers_of(self.target):
                 self._found(provider)
         for contact in protocol.table.closest(self.target, protocol.k):
             self._add_candidate(contact)
@@ -89,9 +92,12 @@ class Search:
             listener()
 
     def _found(self, provider: Provider) -> None:
-        if provider.node_id == self._protocol.node_id or provider.node_id in self._provider_ids:
+        """A provider, once per address: an address that answers under many ids is
+        still one node."""
+        address = (provider.host, provider.registry_port)
+        if provider.node_id == self._protocol.node_id or address in self._provider_addresses:
             return
-        self._provider_ids.add(provider.node_id)
+        self._provider_addresses.add(address)
         self.providers.append(provider)
         self._notify()
 
@@ -99,14 +105,22 @@ class Search:
         """Whether ``contact`` is new to this search.
 
         Not one that already failed: named again by a node that has not noticed it is
-        gone, it would take the place of a live one among the k closest.
+        gone, it would take the place of a live one among the k closest. An id the
+        routing table holds is asked where the table has it, whatever address an
+        answer names; and few candidates come from any one address, so that a
+        stranger's made-up ids near the target cannot crowd out the real nodes.
         """
-        if contact.node_id in self._candidates or contact.node_id in self._asked:
+        node_id = contact.node_id
+        if node_id in self._candidates or node_id in self._asked:
             return False
-        away = distance(contact.node_id, self.target)
-        self._candidates[contact.node_id] = contact
-        self._distances[contact.node_id] = away
-        bisect.insort(self._ranked, (away, contact.node_id))
+        contact = self._protocol.table.get(node_id) or contact
+        if self._per_host[contact.host] >= self._protocol.limits.contacts_per_host:
+            return False
+        self._per_host[contact.host] += 1
+        away = distance(node_id, self.target)
+        self._candidates[node_id] = contact
+        self._distances[node_id] = away
+        bisect.insort(self._ranked, (away, node_id))
         return True
 
     def _distance(self, contact: Contact) -> int:

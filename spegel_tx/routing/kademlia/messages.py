@@ -60,6 +60,25 @@ class Header:
 
 
 @dataclass(frozen=True)
+class Binding:
+    """Who a signed datagram is for and where it leaves from, under the tag.
+
+    A datagram copied by a stranger and replayed to another node, or sent again
+    from the stranger's own address, no longer matches the node and address that
+    receive it. ``receiver_id`` is all zeros when the sender does not know it yet
+    (a bootstrap or doctor Ping).
+    """
+
+    receiver_id: bytes
+    sender_host: str
+    sender_port: int
+
+
+NO_RECEIVER = bytes(ID_LENGTH)
+"""The receiver id of a Ping to an address whose node is not known yet."""
+
+
+@dataclass(frozen=True)
 class Ping:
     pass
 
@@ -130,6 +149,8 @@ RESPONSES = frozenset((MessageType.PONG, MessageType.NODES, MessageType.PROVIDER
 class Message:
     header: Header
     body: Body
+    binding: Binding | None = None
+    """Present on signed datagrams only."""
 
     @property
     def type(self) -> MessageType:

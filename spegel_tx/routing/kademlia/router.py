@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -18,7 +18,12 @@ from spegel_tx.routing.kademlia.lookup import ProviderLookup, Search
 from spegel_tx.routing.kademlia.messages import AddProvider, Contact, RemoveProvider
 from spegel_tx.routing.kademlia.node import key_id
 from spegel_tx.routing.kademlia.placement import place
-from spegel_tx.routing.kademlia.protocol import KademliaProtocol, RequestTimeout
+from spegel_tx.routing.kademlia.protocol import (
+    AnsweredByAnother,
+    KademliaProtocol,
+    RequestTimeout,
+    RequestUnsendable,
+)
 
 _log = Logger()
 
@@ -65,11 +70,18 @@ class KademliaRouter(Service):
         self._searches: dict[bytes, Search] = {}
         self._loops: list[LoopingCall] = []
         self._bootstrap_call: Any = None
+        self._peer_wait: Deferred[None] | None = None
 
     # Lifecycle
 
     def startService(self) -> None:
         Service.startService(self)
+        if self.protocol.secret is None:
+            _log.warn(
+                "the DHT runs without a cluster secret (router-secret-file): anyone who can "
+                "send this node a UDP datagram can join the DHT, advertise content under "
+                "any digest or tag, and sit in lookups; set the same secret on every node"
+            )
         for work, interval in [
             (self._republish, self._republish_interval),
             (self._maintain, 60.0),
@@ -90,6 +102,7 @@ class KademliaRouter(Service):
         self._loops = []
         if self._bootstrap_call is not None and self._bootstrap_call.active():
             self._bootstrap_call.cancel()
+        self._stop_waiting_for_peer()
         return self.withdraw(sorted(self._advertised))
 
     def _guarded(self, work: Any) -> Deferred[None]:
@@ -105,6 +118,7 @@ class KademliaRouter(Service):
 
     def _bootstrap(self) -> None:
         self._bootstrap_call = None
+        self._stop_waiting_for_peer()
         Deferred.fromCoroutine(self._join()).addErrback(
             lambda f: _log.failure("DHT bootstrap failed", f)
         ).addBoth(lambda _: self._schedule_bootstrap())
@@ -118,7 +132,21 @@ class KademliaRouter(Service):
         else:
             delay = self._bootstrap_delay
             self._bootstrap_delay = min(self._bootstrap_delay * 2, self._max_bootstrap_delay)
+            # A peer may find us first (we started alone, or before it): join at once,
+            # so what we advertised meanwhile is placed now, not at the next attempt.
+            self._peer_wait = self.protocol.peer_known()
+            self._peer_wait.addCallbacks(self._peer_appeared, lambda f: f.trap(CancelledError))
         self._bootstrap_call = self._clock.callLater(delay, self._bootstrap)
+
+    def _peer_appeared(self, _: None) -> None:
+        self._peer_wait = None
+        if self._bootstrap_call is not None and self._bootstrap_call.active():
+            self._bootstrap_call.reset(0)
+
+    def _stop_waiting_for_peer(self) -> None:
+        waiting, self._peer_wait = self._peer_wait, None
+        if waiting is not None:
+            waiting.cancel()
 
     async def _join(self) -> None:
         if not self.ready():
@@ -135,6 +163,8 @@ class KademliaRouter(Service):
         ]
         pings = [self.protocol.ping(Contact(b"", host, port)) for host, port in others]
         await DeferredList(pings, consumeErrors=True)
+        if not self.running:
+            return
         if self.ready():
             self._unreachable_logged = False
             await Search(self.protocol, self.protocol.node_id, False, 0).start()
@@ -207,13 +237,22 @@ class KademliaRouter(Service):
             for contact in contacts:
                 by_contact[contact].append(target)
             self._stored_at.setdefault(target, set()).update(contacts)
-        limit = DeferredSemaphore(STORES_IN_FLIGHT)
-        sends = [
-            limit.run(self._store, contact, batch)
-            for contact, targets_of_contact in by_contact.items()
-            for batch in split_keys(targets_of_contact)
-        ]
-        await DeferredList(sends, consumeErrors=True)
+        batches = iter(
+            [
+                (contact, batch)
+                for contact, targets_of_contact in by_contact.items()
+                for batch in split_keys(targets_of_contact)
+            ]
+        )
+
+        async def sender() -> None:
+            # A loop per sender rather than a semaphore's callbacks: stores that fail at
+            # once (the socket closed at stop) follow one another instead of nesting.
+            for contact, batch in batches:
+                await self._store(contact, batch)
+
+        senders = [Deferred.fromCoroutine(sender()) for _ in range(STORES_IN_FLIGHT)]
+        await DeferredList(senders, consumeErrors=True)
 
     async def _store(self, contact: Contact, batch: tuple[bytes, ...]) -> None:
         """One AddProvider, tried twice: in a burst a lost datagram is likelier than a
@@ -225,6 +264,9 @@ class KademliaRouter(Service):
             except RequestTimeout:
                 if attempt == STORE_ATTEMPTS - 1:
                     self.protocol.counters["stores_lost"] += 1
+            except (RequestUnsendable, AnsweredByAnother):
+                self.protocol.counters["stores_lost"] += 1
+                return
 
     def _closest_nodes(self, target: bytes) -> Deferred[list[Contact]]:
         return Search(self.protocol, target, find_providers=False, want=0).start()
@@ -252,7 +294,7 @@ class KademliaRouter(Service):
             await self._provide(sorted(self._advertised))
 
     async def _maintain(self) -> None:
-        self.protocol.expire_records()
+        self.protocol.records.expire()
 
     async def _refresh(self) -> None:
         now = self._clock.seconds()

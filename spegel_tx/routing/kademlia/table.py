@@ -1,7 +1,10 @@
 """Kademlia's routing table: k-buckets by shared-prefix length, least recently seen first.
 
 Pure bookkeeping: the caller passes the time and does the pinging, so the table
-can be tested without a reactor.
+can be tested without a reactor. The caller adds only contacts that answered it
+from their address; the table keeps a live id where it first answered (a claim
+of it from elsewhere is refused) and holds few contacts per IP address, so one
+stranger cannot fill a bucket with made-up ids.
 """
 
 from __future__ import annotations
@@ -10,12 +13,35 @@ import heapq
 import os
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from spegel_tx.routing.kademlia.messages import ID_LENGTH, Contact
 
 BITS = ID_LENGTH * 8
 REPLACEMENTS = 8
 """Contacts kept per full bucket to take the place of ones that stop answering."""
+
+RECHECK_AFTER = 10.0
+"""A contact whose id is claimed from another address is pinged at most this often:
+however many claims a stranger forges, the live node is asked once in a while."""
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What the table made of a contact that answered.
+
+    ``check``: a contact for the caller to ping, which goes if it does not answer
+    (the least recently seen of a full bucket, or one in the newcomer's way).
+    ``refused``: why the newcomer was not taken, ``id_conflict`` (its id is held at
+    another address) or ``host_full`` (its address holds enough contacts); None if
+    it was, or waits as a replacement.
+    """
+
+    check: Contact | None = None
+    refused: str | None = None
+
+
+_NOTHING = Seen()
 
 
 class _Bucket:
@@ -31,9 +57,14 @@ class _Bucket:
 
 class RoutingTable:
     def __init__(
-        self, own_id: bytes, k: int = 20, randbytes: Callable[[int], bytes] = os.urandom
+        self,
+        own_id: bytes,
+        k: int = 20,
+        randbytes: Callable[[int], bytes] = os.urandom,
+        per_host: int = 2,
     ) -> None:
-        """``randbytes`` draws the refresh targets; a seeded one makes a simulation repeatable."""
+        """``randbytes`` draws the refresh targets; a seeded one makes a simulation
+        repeatable. ``per_host``: contacts and replacements at one IP address."""
         if len(own_id) != ID_LENGTH:
             raise ValueError(f"a node id is {ID_LENGTH} bytes, not {len(own_id)}")
         self.own_id = own_id
@@ -45,6 +76,13 @@ class RoutingTable:
         """The deepest bucket holding a contact (-1: none): the ones past it are all empty."""
         self._numbers: dict[bytes, int] = {}
         """Each contact's id as an integer, for ranking by XOR without converting it again."""
+        self.per_host = per_host
+        self._at_host: dict[str, dict[bytes, None]] = {}
+        """The ids of the contacts and replacements at each host."""
+        self._last_seen: dict[bytes, float] = {}
+        self._checked: dict[bytes, float] = {}
+        """When a contact was last named for a ping because its id was claimed elsewhere."""
+        self._size = 0
 
     def bucket_index(self, node_id: bytes) -> int:
         """How many leading bits ``node_id`` shares with ours: 0 (the far half of the
@@ -58,33 +96,92 @@ class RoutingTable:
             return None
         return self._buckets[self.bucket_index(node_id)]
 
-    def seen(self, contact: Contact, now: float) -> Contact | None:
-        """Record a live contact; if its bucket is full, keep it as a replacement and
-        return the least recently seen one for the caller to ping (Kademlia's
-        ping-before-evict: long-lived nodes are the likeliest to stay)."""
+    def seen(self, contact: Contact, now: float) -> Seen:
+        """Record a contact that answered from its address.
+
+        A full bucket keeps the newcomer as a replacement and names its least recently
+        seen contact for the caller to ping (Kademlia's ping-before-evict: long-lived
+        nodes are the likeliest to stay). An id held at another address stays there;
+        the holder is named for a ping (at most every RECHECK_AFTER), so that a node
+        that really moved takes its place once the old address is silent.
+        """
         bucket = self._bucket(contact.node_id)
         if bucket is None or contact.node_id == self.own_id:
-            return None
+            return _NOTHING
+        node_id = contact.node_id
+        held = bucket.contacts.get(node_id) or bucket.replacements.get(node_id)
+        if held is not None and (held.host, held.port) != (contact.host, contact.port):
+            checked = self._checked.get(node_id, float("-inf"))
+            if node_id not in bucket.contacts or now - checked < RECHECK_AFTER:
+                return Seen(refused="id_conflict")
+            self._checked[node_id] = now
+            return Seen(held, "id_conflict")
         bucket.touched = now
-        if contact.node_id in bucket.contacts:
-            bucket.contacts[contact.node_id] = contact
-            bucket.contacts.move_to_end(contact.node_id)
-            return None
+        if node_id in bucket.contacts:
+            bucket.contacts.move_to_end(node_id)
+            self._last_seen[node_id] = now
+            return _NOTHING
+        if held is None and self.host_full(contact.host):
+            return Seen(self._stalest_at(contact.host), "host_full")
         if len(bucket.contacts) < self.k:
-            bucket.replacements.pop(contact.node_id, None)
-            bucket.contacts[contact.node_id] = contact
-            self._numbers[contact.node_id] = int.from_bytes(contact.node_id, "big")
-            self._deepest = max(self._deepest, self.bucket_index(contact.node_id))
-            return None
-        bucket.replacements[contact.node_id] = contact
-        bucket.replacements.move_to_end(contact.node_id)
+            bucket.replacements.pop(node_id, None)
+            self._add(bucket, contact, now)
+            return _NOTHING
+        bucket.replacements[node_id] = contact
+        bucket.replacements.move_to_end(node_id)
+        self._last_seen[node_id] = now
+        self._at_host.setdefault(contact.host, {})[node_id] = None
         while len(bucket.replacements) > REPLACEMENTS:
-            bucket.replacements.popitem(last=False)
-        return next(iter(bucket.contacts.values()))
+            _, dropped = bucket.replacements.popitem(last=False)
+            self._forget(dropped)
+        return Seen(next(iter(bucket.contacts.values())))
 
-    def failed(self, node_id: bytes) -> None:
-        """The contact did not answer: its bucket's most recent replacement takes its place."""
-        self.remove(node_id)
+    def _add(self, bucket: _Bucket, contact: Contact, now: float) -> None:
+        self._size += 1
+        bucket.contacts[contact.node_id] = contact
+        self._numbers[contact.node_id] = int.from_bytes(contact.node_id, "big")
+        self._last_seen[contact.node_id] = now
+        self._at_host.setdefault(contact.host, {})[contact.node_id] = None
+        self._deepest = max(self._deepest, self.bucket_index(contact.node_id))
+
+    def _forget(self, contact: Contact) -> None:
+        self._last_seen.pop(contact.node_id, None)
+        self._checked.pop(contact.node_id, None)
+        ids = self._at_host.get(contact.host)
+        if ids is not None:
+            ids.pop(contact.node_id, None)
+            if not ids:
+                del self._at_host[contact.host]
+
+    def has_room(self, contact: Contact) -> bool:
+        """Whether ``contact`` would take a slot at once: worth a ping to let it in."""
+        bucket = self._bucket(contact.node_id)
+        return (
+            bucket is not None
+            and contact.node_id != self.own_id
+            and len(bucket.contacts) < self.k
+            and not self.host_full(contact.host)
+        )
+
+    def host_full(self, host: str) -> bool:
+        return len(self._at_host.get(host, ())) >= self.per_host
+
+    def _stalest_at(self, host: str) -> Contact | None:
+        """The contact at ``host`` seen longest ago (None if it has only replacements)."""
+        held = [c for c in map(self.get, self._at_host.get(host, ())) if c is not None]
+        return min(held, key=lambda c: self._last_seen[c.node_id], default=None)
+
+    def failed(self, contact: Contact) -> None:
+        """``contact`` did not answer: if the table holds its id at that address, the
+        bucket's most recent replacement takes its place. The same id at another
+        address stays: a stranger cannot evict a node by naming its id with a dead
+        address."""
+        bucket = self._bucket(contact.node_id)
+        if bucket is None:
+            return
+        held = bucket.contacts.get(contact.node_id) or bucket.replacements.get(contact.node_id)
+        if held is not None and (held.host, held.port) == (contact.host, contact.port):
+            self.remove(contact.node_id)
 
     def remove(self, node_id: bytes) -> None:
         """Forget a contact, in the bucket and among the replacements; a freed slot goes
@@ -92,14 +189,18 @@ class RoutingTable:
         bucket = self._bucket(node_id)
         if bucket is None:
             return
-        bucket.replacements.pop(node_id, None)
-        if bucket.contacts.pop(node_id, None) is None:
+        replacement = bucket.replacements.pop(node_id, None)
+        if replacement is not None:
+            self._forget(replacement)
+        contact = bucket.contacts.pop(node_id, None)
+        if contact is None:
             return
+        self._forget(contact)
+        self._size -= 1
         del self._numbers[node_id]
         if bucket.replacements:
-            _, replacement = bucket.replacements.popitem(last=True)
-            bucket.contacts[replacement.node_id] = replacement
-            self._numbers[replacement.node_id] = int.from_bytes(replacement.node_id, "big")
+            _, promoted = bucket.replacements.popitem(last=True)
+            self._add(bucket, promoted, self._last_seen[promoted.node_id])
         while self._deepest >= 0 and not self._buckets[self._deepest].contacts:
             self._deepest -= 1
 
@@ -145,7 +246,7 @@ class RoutingTable:
         return [contact for bucket in filled for contact in bucket.contacts.values()]
 
     def __len__(self) -> int:
-        return sum(len(bucket.contacts) for bucket in self._buckets)
+        return self._size
 
     def touch(self, target: bytes, now: float) -> None:
         """A lookup towards ``target`` refreshes its bucket."""

@@ -81,3 +81,15 @@ expanded by the kubelet from the container's environment. */}}
       fieldPath: status.hostIP
 {{- end }}
 {{- end }}
+
+{{/* The Secret whose key signs every DHT datagram: spegel.routerSecretName, else the
+one this chart makes. */}}
+{{- define "spegel-tx.routerSecretName" -}}
+{{- .Values.spegel.routerSecretName | default (printf "%s-router" (include "spegel-tx.fullname" .)) }}
+{{- end }}
+
+{{/* The chart's router Secret as the cluster holds it now, as JSON: "{}" when installing,
+or when rendering without a cluster (helm template), where lookup sees nothing. */}}
+{{- define "spegel-tx.existingRouterSecret" -}}
+{{- lookup "v1" "Secret" (include "spegel-tx.namespace" .) (include "spegel-tx.routerSecretName" .) | toJson }}
+{{- end }}
