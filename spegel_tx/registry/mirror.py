@@ -11,7 +11,7 @@ a full blob is hashed as it passes and cut off if its digest is wrong.
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -26,11 +26,12 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.server import Request
 
 from spegel_tx.config import Address
+from spegel_tx.content import Descriptor
 from spegel_tx.errors import NotFound
 from spegel_tx.interfaces import IRouter
 from spegel_tx.logs import error_text
 from spegel_tx.nodemetrics import NodeMetrics
-from spegel_tx.oci.manifest import MAX_MANIFEST_SIZE
+from spegel_tx.oci.manifest import MAX_MANIFEST_SIZE, children
 from spegel_tx.oci.ranges import content_range
 from spegel_tx.registry.access import requested_registry, set_handler
 from spegel_tx.registry.peers import Fault, Peer, PeerHealth, Providers
@@ -119,6 +120,7 @@ class Mirror:
         )
         self.metrics = metrics or NodeMetrics(clock)
         self.counters: Counter[str] = Counter()
+        self.sizes = ExpectedSizes()
 
     def ready(self) -> bool:
         """Whether any peer is known: until then nothing can be forwarded."""
@@ -152,7 +154,9 @@ class Mirror:
         served = False
         try:
             expected = _Expected(
-                ranged=b"range" in headers, limit=MAX_MANIFEST_SIZE if manifest else None
+                ranged=b"range" in headers,
+                limit=MAX_MANIFEST_SIZE if manifest else None,
+                size=self.sizes.get(digest) if digest else None,
             )
             found = await self._first_response(
                 providers, method, request.uri, headers, budget, expected
@@ -177,11 +181,14 @@ class Mirror:
                     request.setHeader(b"content-length", length)
             else:
                 request.setHeader(b"content-length", b"%d" % response.length)
+                # Sizes are learned only from content asked for by digest: a tag's answer
+                # is the peer's word, and could poison what honest peers are held to.
+                learn = manifest and digest is not None
                 if response.code == 200:
                     digest = digest or _header(response, b"docker-content-digest")
                 else:
                     digest = None
-                await self._relay(request, providers, peer, response, digest, headers)
+                await self._relay(request, providers, peer, response, digest, headers, learn)
             served = True
         finally:
             lookup.cancel()
@@ -222,8 +229,13 @@ class Mirror:
         response: Any,
         digest: str | None,
         headers: dict[bytes, list[bytes]],
+        learn: bool = False,
     ) -> None:
-        hasher = hashlib.sha256() if digest and digest.startswith("sha256:") else None
+        """``learn``: the body is a manifest asked for by digest; once verified, the sizes
+        it gives its children hold their peers to them."""
+        hasher: Any = None
+        if digest and digest.startswith("sha256:"):
+            hasher = _KeptHash() if learn and response.code == 200 else hashlib.sha256()
         relay = PeerBodyRelay(
             self._clock, request, self.settings.idle_timeout, hasher, self.settings.min_throughput
         )
@@ -256,6 +268,8 @@ class Mirror:
                 for sender in senders:
                     self.health.charge(sender, Fault.LIED)
                 raise MirrorBodyFailed(f"content from {senders} does not match {digest}")
+            if isinstance(hasher, _KeptHash):
+                self.sizes.learn(children(hasher.data()))
             relay.finish()
         except ConnectionLost as e:
             relay.abandon()
@@ -408,6 +422,8 @@ class _Expected:
     """A resume's exact length."""
     limit: int | None = None
     """The most a body may hold (manifests)."""
+    size: int | None = None
+    """The content's size, when a verified manifest said it (blobs)."""
 
 
 def _judge(response: Any, method: str, expected: _Expected) -> Fault | None:
@@ -425,6 +441,11 @@ def _judge(response: Any, method: str, expected: _Expected) -> Fault | None:
         return Fault.UNREACHABLE if code == 200 or code >= 500 else Fault.LIED
     if code in (200, 206) and expected.limit is not None and (length or 0) > expected.limit:
         return Fault.LIED
+    if expected.size is not None and length is not None:
+        if code == 200 and length != expected.size:
+            return Fault.LIED
+        if code == 206 and _range_start(response) + length > expected.size:
+            return Fault.LIED
     if code == 200:
         return None if length is not None else Fault.UNREACHABLE
     if code == 206:
@@ -434,6 +455,51 @@ def _judge(response: Any, method: str, expected: _Expected) -> Fault | None:
         small = response.length is not UNKNOWN_LENGTH and response.length <= SMALL_BODY
         return None if method == "HEAD" or small else Fault.UNREACHABLE
     return Fault.UNREACHABLE
+
+
+MAX_EXPECTED_SIZES = 100_000
+"""Content sizes remembered from verified manifests: far more than the layers of the
+images a node pulls between two restarts, at about 200 bytes each."""
+
+
+class ExpectedSizes:
+    """The size of each piece of content, as the verified manifests that passed through
+    this node give it: a peer that declares another length for a blob is lying, and
+    is cut off before a byte goes to the client (least recently learned forgotten
+    first)."""
+
+    def __init__(self, capacity: int = MAX_EXPECTED_SIZES) -> None:
+        self._capacity = capacity
+        self._sizes: OrderedDict[str, int] = OrderedDict()
+
+    def learn(self, descriptors: list[Descriptor]) -> None:
+        for descriptor in descriptors:
+            if descriptor.size >= 0:
+                self._sizes[descriptor.digest] = descriptor.size
+                self._sizes.move_to_end(descriptor.digest)
+        while len(self._sizes) > self._capacity:
+            self._sizes.popitem(last=False)
+
+    def get(self, digest: str) -> int | None:
+        return self._sizes.get(digest)
+
+
+class _KeptHash:
+    """A SHA-256 that keeps what it hashed: a manifest, at most MAX_MANIFEST_SIZE."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._parts: list[bytes] = []
+
+    def update(self, data: bytes) -> None:
+        self._hash.update(data)
+        self._parts.append(data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+    def data(self) -> bytes:
+        return b"".join(self._parts)
 
 
 def _declared_length(response: Any, method: str) -> int | None:

@@ -38,9 +38,9 @@ from tests.support.image import (
     pod_nodes,
     quantity_bytes,
     render_chart,
-    unique_loopback_host,
     wait_for_url,
 )
+from tests.support.loopback import loopback_host
 from tests.support.ociimage import SyntheticImage, build_image
 from tests.support.processes import poll, spegel_tx_cli
 from tests.support.registry import DockerRegistry
@@ -110,7 +110,7 @@ def image_cluster(
 ) -> Iterator[ImageCluster]:
     require("containerd", "ctr", "runc", "docker-registry", "skopeo")
     base = tmp_path_factory.mktemp("image-cluster")
-    upstream = DockerRegistry(base / "upstream", host=unique_loopback_host(), log_level="info")
+    upstream = DockerRegistry(base / "upstream", host=loopback_host(), log_level="info")
     try:
         upstream.start()
         reference = f"{upstream.address}/spegel-tx:{spegel_tx_image.tag}"
@@ -294,7 +294,7 @@ def test_the_default_command_runs_from_environment_variables_alone(
 ):
     """No command, no arguments, no node.yaml: Spegel's variables configure the daemon."""
     cluster = image_cluster
-    node, host = cluster.b, unique_loopback_host()
+    node, host = cluster.b, loopback_host()
     running = node.run(
         cluster.renders["b"].daemonset,
         "spegel-tx",
@@ -324,7 +324,7 @@ def test_the_default_command_runs_from_environment_variables_alone(
 def test_the_images_own_user_cannot_open_the_containerd_socket(image_cluster: ImageCluster):
     """Why the chart runs as root: containerd's socket is root's, mode 0660."""
     cluster = image_cluster
-    node, host = cluster.b, unique_loopback_host()
+    node, host = cluster.b, loopback_host()
     rendered = cluster.renders["b"]
     unprivileged = {
         "readOnlyRootFilesystem": True,

@@ -31,7 +31,8 @@ import pytest
 from spegel_tx.routing.kademlia.messages import AddProvider, FindNode, GetProviders, Ping
 from spegel_tx.routing.kademlia.node import key_id
 from tests.support.hostile import LoopbackCapture, Stranger, UDPStranger, ids_near, request
-from tests.support.processes import free_loopback_host, poll
+from tests.support.loopback import loopback_host
+from tests.support.processes import poll
 
 pytestmark = pytest.mark.integration
 
@@ -80,7 +81,7 @@ def cluster(spegel_node: Callable[..., Any], containerd: Any) -> Callable[..., l
     first, returned once each knows every other."""
 
     def start(count: int = 3, hosts: list[str] | None = None, **keys: Any) -> list[Any]:
-        hosts = hosts or [free_loopback_host() for _ in range(count)]
+        hosts = hosts or [loopback_host() for _ in range(count)]
         first = spegel_node(containerd, host=hosts[0], wait_ready=False, **keys)
         nodes = [first] + [
             spegel_node(
@@ -110,7 +111,7 @@ def stranger_at() -> Iterator[Callable[[Stranger], UDPStranger]]:
     with ExitStack() as stack:
 
         def start(stranger: Stranger) -> UDPStranger:
-            return stack.enter_context(UDPStranger(stranger, free_loopback_host()))
+            return stack.enter_context(UDPStranger(stranger, loopback_host()))
 
         yield start
 
@@ -284,7 +285,7 @@ def test_signed_datagrams_replayed_to_another_node_or_from_another_address_are_d
 ) -> None:
     secret = tmp_path / "router-secret"
     secret.write_text(SECRET)
-    hosts = [free_loopback_host() for _ in range(3)]
+    hosts = [loopback_host() for _ in range(3)]
     try:
         capture = LoopbackCapture(hosts)
     except PermissionError:

@@ -27,6 +27,7 @@ from tests.support.cluster import (
     start_without,
     wait_until_listed,
 )
+from tests.support.loopback import loopback_host
 from tests.support.processes import ROOT, free_ports, log_tail, poll, start_process, stop_process
 
 pytestmark = pytest.mark.integration
@@ -47,7 +48,7 @@ class Liar:
 
 @contextmanager
 def hostile_peer(cluster: MirrorCluster, mode: str, keys: list[str], *extra: str) -> Iterator[Liar]:
-    host = cluster.a.host
+    host = loopback_host()  # its own address: a node keeps one record per key and address
     router_port, registry_port = free_ports(host, 2)
     log_path = cluster.base / f"hostile-{mode}-{registry_port}.log"
     args = [sys.executable, "-m", "tests.support.hostile_peer", "--mode", mode]
@@ -156,3 +157,39 @@ def test_a_peer_that_names_another_image_for_a_tag_cannot_substitute_it(
 
     assert asked, "the liar was never asked"
     assert b.image_digest(small.name) == small.index_digest
+
+
+def test_a_blob_longer_than_its_manifest_says_never_starts(mirror_cluster: MirrorCluster) -> None:
+    """The liar serves ``other``'s manifest honestly by digest, then a layer of it with a
+    Content-Length 1 MiB too long. B, having checked the manifest, knows the layer's
+    size: the liar is refused before a byte moves, and B answers 404 (nobody else holds
+    ``other``), so containerd would go to the registry."""
+    cluster = mirror_cluster
+    b, other = cluster.b, cluster.other
+    if cluster.upstream.process is None:
+        cluster.upstream.start()
+    for node in cluster.nodes.values():
+        cluster.ensure_running(node)
+        start_without(node, other)
+    layer = other.layer_digests[0]
+    manifest = cluster.base / "other-manifest.json"
+    manifest.write_bytes(other.read_blob(other.manifest_digest))
+    with hostile_peer(
+        cluster,
+        "long",
+        [other.manifest_digest, layer],
+        "--tag-digest",
+        other.manifest_digest,
+        "--tag-file",
+        str(manifest),
+        "--blob-size",
+        str(other.size(layer)),
+    ) as liar:
+        poll(lambda: liar.address in b.lookup(layer), 10)
+        checked = fetch(cluster.manifest_url(b, other, other.manifest_digest))
+        refused = fetch(cluster.blob_url(b, other, layer))
+        asked = liar.requests()
+
+    assert checked[0] == 200 and digest_of(checked[1]) == other.manifest_digest
+    assert any("/blobs/" in line for line in asked), asked
+    assert refused[0] == 404, f"{refused[0]}, {len(refused[1])} bytes: the liar's body started"

@@ -5,7 +5,10 @@ keys it is given, and answers them from its own HTTP server in one of these ways
 - ``trickle``: the declared length, then one byte every 4 s;
 - ``huge``: ``Content-Length: 1000000000000`` and bytes that never end;
 - ``tag``: for a tag, the digest and manifest given with ``--tag-digest`` and
-  ``--tag-file``; for everything else, 404.
+  ``--tag-file``; for everything else, 404;
+- ``long``: the manifest given with ``--tag-digest`` and ``--tag-file``, honestly, by
+  its digest; any blob, with a ``Content-Length`` 1 MiB longer than its real size
+  (``--blob-size``) and bytes to match.
 
 Run as ``python3 -m tests.support.hostile_peer --mode M --bootstrap HOST:PORT
 --host H --router-port P --registry-port Q --key K ...``; it prints ``ready`` once it
@@ -36,11 +39,12 @@ reactor: Any = _reactor
 class Liar(Resource):
     isLeaf = True
 
-    def __init__(self, mode: str, tag_digest: str, tag_body: bytes) -> None:
+    def __init__(self, mode: str, tag_digest: str, tag_body: bytes, blob_size: int) -> None:
         super().__init__()
         self.mode = mode
         self.tag_digest = tag_digest
         self.tag_body = tag_body
+        self.blob_size = blob_size
 
     def render(self, request: Any) -> Any:
         print(f"{request.method.decode()} {request.uri.decode()}", flush=True)
@@ -52,6 +56,14 @@ class Liar(Resource):
             request.setHeader(b"docker-content-digest", self.tag_digest.encode())
             request.setHeader(b"content-length", b"%d" % len(self.tag_body))
             return b"" if request.method == b"HEAD" else self.tag_body
+        if self.mode == "long":
+            if b"/manifests/" in request.path:
+                request.setHeader(b"content-type", b"application/vnd.oci.image.manifest.v1+json")
+                request.setHeader(b"docker-content-digest", self.tag_digest.encode())
+                request.setHeader(b"content-length", b"%d" % len(self.tag_body))
+                return self.tag_body
+            request.setHeader(b"content-length", b"%d" % (self.blob_size + (1 << 20)))
+            return os.urandom(self.blob_size + (1 << 20))
         if self.mode == "partial":
             request.setResponseCode(206)
             request.setHeader(b"content-range", b"bytes 0-65535/65536")
@@ -72,7 +84,9 @@ class Liar(Resource):
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["partial", "trickle", "huge", "tag"], required=True)
+    parser.add_argument(
+        "--mode", choices=["partial", "trickle", "huge", "tag", "long"], required=True
+    )
     parser.add_argument("--bootstrap", required=True)
     parser.add_argument("--host", required=True)
     parser.add_argument("--router-port", type=int, required=True)
@@ -80,10 +94,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--key", action="append", default=[])
     parser.add_argument("--tag-digest", default="")
     parser.add_argument("--tag-file", default="")
+    parser.add_argument("--blob-size", type=int, default=0)
     args = parser.parse_args(argv)
     tag_body = open(args.tag_file, "rb").read() if args.tag_file else b""  # noqa: SIM115
     reactor.listenTCP(
-        args.registry_port, Site(Liar(args.mode, args.tag_digest, tag_body)), interface=args.host
+        args.registry_port,
+        Site(Liar(args.mode, args.tag_digest, tag_body, args.blob_size)),
+        interface=args.host,
     )
     protocol = KademliaProtocol(reactor, random_node_id(), registry_port=args.registry_port)
     reactor.listenUDP(args.router_port, protocol, interface=args.host)

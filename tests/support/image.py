@@ -13,7 +13,6 @@ on a loopback address of the node's own, as there is no CNI here.
 from __future__ import annotations
 
 import json
-import random
 import re
 import secrets
 import shutil
@@ -34,6 +33,7 @@ import yaml
 
 from deploy.render import render, split_documents
 from tests.support.containerd import Containerd
+from tests.support.loopback import loopback_host
 from tests.support.processes import ROOT, free_ports, log_tail, poll
 from tests.support.runc_security import ANNOTATION
 
@@ -153,13 +153,6 @@ def given_image(archive: Path, directory: Path) -> BuiltImage:
 
 
 # Small pieces of Kubernetes
-
-
-def unique_loopback_host() -> str:
-    """An address in 127.0.0.0/8 that no other test, nor another copy of this suite, picks:
-    one of 8 million at random, away from the 127.0.0.x others use."""
-    rng = random.SystemRandom()
-    return f"127.{rng.randint(128, 254)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
 
 
 def quantity_bytes(text: str) -> int:
@@ -555,7 +548,7 @@ class PodNode:
 def pod_nodes(base: Path, names: Sequence[str]) -> Iterator[dict[str, PodNode]]:
     """Nodes with their containerd started, each on a loopback address of its own;
     every container and containerd is stopped on exit."""
-    nodes = {name: PodNode(name, unique_loopback_host(), base / name) for name in names}
+    nodes = {name: PodNode(name, loopback_host(), base / name) for name in names}
     try:
         for node in nodes.values():
             node.containerd.start()

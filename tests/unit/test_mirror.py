@@ -903,3 +903,40 @@ def test_a_lookup_still_waiting_after_a_second_is_a_404(peers: Peers) -> None:
         node.advance(0.1)
 
     assert result_of(response_d).code == 404
+
+
+def test_a_blob_longer_than_its_verified_manifest_says_is_refused(peers: Peers) -> None:
+    """The manifest, fetched by digest through the node, names the layer's size; a peer
+    that then declares another length is a liar, and the next provider serves."""
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "x", "digest": LAYER_DIGEST, "size": len(LAYER)},
+            "layers": [],
+        }
+    ).encode()
+    manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    longer = Lying({b"content-length": b"%d" % (len(LAYER) + 10)}, data=LAYER + b"x" * 10)
+    peers.add("10.0.0.2:5000", longer)
+    peers.add("10.0.0.3:5000", peer_registry(LAYER, manifest))
+    node = Node(
+        peers,
+        {LAYER_DIGEST: ["10.0.0.2:5000", "10.0.0.3:5000"], manifest_digest: ["10.0.0.3:5000"]},
+    )
+
+    manifest_path = f"/v2/library/demo/manifests/{manifest_digest}?ns={NS}"
+    assert node.download(manifest_path) == manifest
+    assert node.download(BLOB_PATH) == LAYER
+
+    assert node.mirror.health.quarantined(("10.0.0.2", 5000))
+    assert node.mirror.sizes.get(LAYER_DIGEST) == len(LAYER)
+
+
+def test_sizes_are_not_learned_from_a_tag_a_peer_answers(peers: Peers) -> None:
+    peers.add("10.0.0.2:5000", peer_registry(MANIFEST, images={NAME: MANIFEST_DIGEST}))
+    node = Node(peers, {NAME: ["10.0.0.2:5000"]})
+
+    node.download(f"/v2/library/demo/manifests/v1?ns={NS}")
+
+    assert node.mirror.sizes.get(LAYER_DIGEST) is None
