@@ -226,14 +226,10 @@ def make_service(config: Config, reactor: Any, *, secret: bytes | None, node_id:
             reactor, router, router.protocol, tracker, metrics, client, settings, readiness, facts
         ).resource()
     pages = DebugPages(reactor, router, readiness, web)
-    # Requests here are logged as the registry's are, but count in no registry metric.
-    _listen(
-        node,
-        "metrics-addr",
-        config.metrics_addr,
-        RegistrySite(metrics_root(metrics, pages)),
-        reactor,
-    )
+    # Requests here are logged as the registry's are, but count in no registry metric;
+    # the debug page's measure form posts a body.
+    metrics_site = RegistrySite(metrics_root(metrics, pages), reads_bodies=True)
+    _listen(node, "metrics-addr", config.metrics_addr, metrics_site, reactor)
     return node
 
 

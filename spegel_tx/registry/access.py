@@ -32,9 +32,12 @@ class AccessLogRequest(Request):
     peer = "-"
 
     def gotLength(self, length: int | None) -> None:
-        """A pull-only registry reads no request body: whatever is sent is dropped as it
-        arrives, where Twisted would spool a large one to a temporary file."""
-        self.content = _Discarded()
+        """The pull-only registry reads no request body: whatever is sent there is dropped
+        as it arrives, where Twisted would spool a large one to a temporary file."""
+        if getattr(getattr(self.channel, "site", None), "reads_bodies", False):
+            super().gotLength(length)
+        else:
+            self.content = _Discarded()
 
     def process(self) -> None:
         self._started = time.monotonic()
@@ -152,10 +155,13 @@ class RegistrySite(Site):
         resource: Any,
         metrics: NodeMetrics | None = None,
         reclaimer: Reclaimer | None = None,
+        reads_bodies: bool = False,
     ) -> None:
+        """``reads_bodies``: requests here may carry a body (the debug page's forms)."""
         super().__init__(resource)
         self.metrics = metrics
         self.reclaimer = reclaimer
+        self.reads_bodies = reads_bodies
         self.channels: set[RegistryChannel] = set()
         self._all_closed: list[Deferred[None]] = []
 

@@ -224,11 +224,17 @@ def test_spegel_tx_registry_runs_a_spegel_daemonset_command_line(tmp_path: Path)
     finally:
         stop_process(process)
     said = [(r["level"], r["msg"]) for r in records]
-    assert said[:2] == [
+    assert said[:3] == [
         (
             "warn",
             "--containerd-registry-config-path ignored: only `spegel-tx configuration` and "
             "`spegel-tx doctor` read containerd's registry config",
+        ),
+        (
+            "warn",
+            "the DHT runs without a cluster secret (router-secret-file): anyone who can send "
+            "this node a UDP datagram can join the DHT, advertise content under any digest or "
+            "tag, and sit in lookups; set the same secret on every node",
         ),
         (
             "info",

@@ -113,5 +113,6 @@ def test_the_console_script_runs_the_node_as_spegels_registry_subcommand(tmp_pat
         wait_for_http(f"http://{host}:{registry}/livez", process, log, 30)
     finally:
         stop_process(process)
-    first = json.loads(log.read_text().splitlines()[0])
-    assert first["msg"].startswith(f"spegel-tx {spegel_tx.__version__}: registry {host}:")
+    said = [json.loads(line)["msg"] for line in log.read_text().splitlines()]
+    started = [line for line in said if line.startswith(f"spegel-tx {spegel_tx.__version__}: ")]
+    assert started and started[0].startswith(f"spegel-tx {spegel_tx.__version__}: registry {host}:")

@@ -155,6 +155,10 @@ def given_image(archive: Path, directory: Path) -> BuiltImage:
 # Small pieces of Kubernetes
 
 
+TEST_CLUSTER_SECRET = secrets.token_hex(24)
+"""What the chart's generated router Secret holds, for every node of this test run."""
+
+
 def quantity_bytes(text: str) -> int:
     """A Kubernetes memory quantity (``256Mi``) in bytes."""
     match = QUANTITY.match(str(text))
@@ -413,6 +417,9 @@ class PodNode:
                 environment[entry["name"]] = str(entry["value"])
             elif entry.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.hostIP":
                 environment[entry["name"]] = self.host
+            elif "secretKeyRef" in entry.get("valueFrom", {}):
+                # The cluster secret the chart makes at install: the same on every node.
+                environment[entry["name"]] = TEST_CLUSTER_SECRET
             else:
                 raise AssertionError(f"env {entry['name']}: a source this test does not fill")
         contexts = {
