@@ -32,7 +32,7 @@ from spegel_tx.routing.kademlia.messages import AddProvider, FindNode, GetProvid
 from spegel_tx.routing.kademlia.node import key_id
 from tests.support.hostile import LoopbackCapture, Stranger, UDPStranger, ids_near, request
 from tests.support.loopback import loopback_host
-from tests.support.processes import poll
+from tests.support.processes import poll, rss
 
 pytestmark = pytest.mark.integration
 
@@ -68,11 +68,7 @@ def router(node: Any) -> tuple[str, int]:
 
 
 def rss_mib(node: Any) -> float:
-    with open(f"/proc/{node.pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for {node.pid}")
+    return rss(node.pid) / (1 << 20)
 
 
 @pytest.fixture

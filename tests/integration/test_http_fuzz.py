@@ -21,6 +21,7 @@ from tests.conftest import Node
 from tests.support.containerd import Containerd
 from tests.support.loopback import loopback_host
 from tests.support.ociimage import SyntheticImage
+from tests.support.processes import rss
 
 pytestmark = pytest.mark.integration
 
@@ -28,14 +29,6 @@ REQUESTS = 1500
 SECONDS = 90.0
 RSS_GROWTH_LIMIT = 40 * 1024 * 1024
 """Flat memory, with room for Python's allocator and the access-log buffers."""
-
-
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def request_bytes(rng: random.Random, image: SyntheticImage) -> bytes:

@@ -17,20 +17,13 @@ from tests.support.cluster import (
     start_without,
     wait_until_listed,
 )
+from tests.support.processes import rss
 
 pytestmark = pytest.mark.integration
 
 READERS = 100
 GIVEN_BACK_WITHIN = 64 * MiB
 """RSS after the readers left may exceed RSS before them by at most this."""
-
-
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def test_memory_held_for_slow_readers_is_given_back_when_they_leave(

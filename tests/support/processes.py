@@ -26,6 +26,15 @@ def free_port(host: str) -> int:
     return free_ports(host, 1)[0]
 
 
+def rss(pid: int) -> int:
+    """The resident set of process ``pid`` in bytes, as ``/proc`` reports it."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
 def free_ports(host: str, count: int) -> list[int]:
     """``count`` distinct ports free at ``host`` for both TCP and UDP.
 
