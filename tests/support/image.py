@@ -35,6 +35,7 @@ from deploy.render import render, split_documents
 from tests.support.containerd import Containerd
 from tests.support.loopback import loopback_host
 from tests.support.processes import ROOT, free_ports, log_tail, poll
+from tests.support.registry import skopeo_copy
 from tests.support.runc_security import ANNOTATION
 
 BUILD_SCRIPT = ROOT / "deploy" / "image" / "build.sh"
@@ -109,22 +110,7 @@ class BuiltImage:
 
     def push(self, destination: str) -> None:
         """``skopeo copy`` to ``destination`` (``docker://host:port/repo:tag``), digests kept."""
-        result = subprocess.run(
-            [
-                "skopeo",
-                "--insecure-policy",
-                "copy",
-                "--dest-tls-verify=false",
-                "--preserve-digests",
-                f"oci-archive:{self.archive}:{self.tag}",
-                destination,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"skopeo copy to {destination} failed: {result.stderr}")
+        skopeo_copy(f"oci-archive:{self.archive}:{self.tag}", destination)
 
 
 def build_image(directory: Path) -> BuiltImage:

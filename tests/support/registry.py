@@ -103,10 +103,15 @@ class DockerRegistry:
 
 
 def push_layout(image: SyntheticImage, destination: str) -> None:
-    """``skopeo copy`` the image's OCI layout to ``destination`` (any skopeo transport).
+    """``skopeo copy`` the image's OCI layout to ``destination`` (any skopeo transport)."""
+    skopeo_copy(f"oci:{image.layout_dir}:{image.tag}", destination, "--all")
+
+
+def skopeo_copy(source: str, destination: str, *flags: str) -> None:
+    """``skopeo copy source destination``, with digests kept.
 
     ``--preserve-digests`` makes skopeo fail rather than re-compress or rewrite
-    a manifest, so what lands upstream is byte for byte what ``image`` holds.
+    a manifest, so what lands is byte for byte what ``source`` holds.
     ``--insecure-policy`` keeps the copy independent of /etc/containers/policy.json.
     """
     result = subprocess.run(
@@ -116,8 +121,8 @@ def push_layout(image: SyntheticImage, destination: str) -> None:
             "copy",
             "--dest-tls-verify=false",
             "--preserve-digests",
-            "--all",
-            f"oci:{image.layout_dir}:{image.tag}",
+            *flags,
+            source,
             destination,
         ],
         capture_output=True,
