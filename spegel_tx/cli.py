@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar, cast
 
-from spegel_tx import __version__, doctor
-from spegel_tx.config import environment_name, load_config, split_list
+from spegel_tx import __version__, basicauth, doctor
+from spegel_tx.config import MEANINGS, environment_name, load_config, split_list
 from spegel_tx.containerd import hostsconfig
 from spegel_tx.errors import ConfigError
 
@@ -118,6 +118,16 @@ def _build_parser() -> argparse.ArgumentParser:
         help="keep a registry's existing hosts after the mirrors; default false "
         "(env PREPEND_EXISTING)",
     )
+    for key, default in (
+        ("basic-auth-username-file", basicauth.DEFAULT_USERNAME_FILE),
+        ("basic-auth-password-file", basicauth.DEFAULT_PASSWORD_FILE),
+    ):
+        configuration.add_argument(
+            f"--{key}",
+            metavar="FILE",
+            help=f"{MEANINGS[key]} Written into each hosts.toml as the Authorization header "
+            f"containerd sends the mirrors; default {default} (env {environment_name(key)})",
+        )
 
     cleanup = commands.add_parser(
         "cleanup",
@@ -263,12 +273,17 @@ def _run(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
         _list_setting(args, "mirrored-registries", environ)
     )
     targets = hostsconfig.parse_mirror_targets(_list_setting(args, "mirror-targets", environ))
+    auth = basicauth.read_basic_auth(
+        _setting(args, "basic-auth-username-file", environ, str, basicauth.DEFAULT_USERNAME_FILE),
+        _setting(args, "basic-auth-password-file", environ, str, basicauth.DEFAULT_PASSWORD_FILE),
+    )
     written = hostsconfig.apply_configuration(
         config_path,
         registries,
         targets,
         resolve_tags=_setting(args, "resolve-tags", environ, parse_bool, True),
         prepend_existing=_setting(args, "prepend-existing", environ, parse_bool, False),
+        authorization=None if auth is None else auth.header().decode("ascii"),
     )
     if verbose:
         for path in written:

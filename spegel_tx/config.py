@@ -18,6 +18,12 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from spegel_tx.basicauth import (
+    DEFAULT_PASSWORD_FILE,
+    DEFAULT_USERNAME_FILE,
+    BasicAuth,
+    read_basic_auth,
+)
 from spegel_tx.errors import ConfigError
 from spegel_tx.routing.kademlia.limits import Limits
 
@@ -232,6 +238,8 @@ class Config:
     log_level: str = "INFO"
     debug_web_enabled: bool = False
     router_secret_file: str = ""
+    basic_auth_username_file: str = DEFAULT_USERNAME_FILE
+    basic_auth_password_file: str = DEFAULT_PASSWORD_FILE
     router_record_ttl: float = 19 * 60.0
     router_republish_interval: float = 15 * 60.0
     router_max_records: int = Limits.records
@@ -268,6 +276,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "log-level": _parse_choice(_LOG_LEVELS),
     "debug-web-enabled": _parse_bool,
     "router-secret-file": _parse_str,
+    "basic-auth-username-file": _parse_str,
+    "basic-auth-password-file": _parse_str,
     "router-record-ttl": _parse_duration_value,
     "router-republish-interval": _parse_duration_value,
     "router-max-records": _parse_int,
@@ -297,7 +307,8 @@ MEANINGS: dict[str, str] = {
     "dns-bootstrap-domain": "Name whose A/AAAA records are the peers, for dns "
     "(a headless Service).",
     "mirrored-registries": "Registries served, as URLs or hosts; none: every registry.",
-    "registry-filters": "Regular expressions on registry/repo:tag; matching tags are not served.",
+    "registry-filters": "Regular expressions on registry/repository[:tag]; what matches is "
+    "neither advertised, served nor forwarded, by tag or by digest.",
     "mirror-resolve-timeout": "How long a peer lookup may stay idle before answering 404.",
     "mirror-resolve-retries": "Providers tried before answering 404.",
     "mirror-connect-timeout": "Time to open a TCP connection to a peer's registry.",
@@ -316,6 +327,10 @@ MEANINGS: dict[str, str] = {
     "debug-web-enabled": "Serve the debug web page at /debug/web/ on metrics-addr.",
     "router-secret-file": "File holding the DHT cluster secret (16 bytes or more); "
     "ROUTER_SECRET gives the secret itself.",
+    "basic-auth-username-file": "File holding the username every /v2/ request must carry "
+    "(Basic authentication), containerd's and peers'; missing at Spegel's path: no "
+    "authentication.",
+    "basic-auth-password-file": "File holding the password that goes with the username.",
     "router-record-ttl": "How long a provider record lives on the nodes that store it.",
     "router-max-records": "Provider records the node keeps for others, in all.",
     "router-max-records-per-host": "Provider records the node keeps for any one IP address.",
@@ -437,3 +452,8 @@ def router_secret(config: Config, environ: Mapping[str, str] | None = None) -> b
             f"more: put the same longer one on every node (`{_NEW_SECRET} > {path}`)",
         )
     return secret
+
+
+def basic_auth(config: Config) -> BasicAuth | None:
+    """The registry's credentials, read from ``basic-auth-*-file``; None: no authentication."""
+    return read_basic_auth(config.basic_auth_username_file, config.basic_auth_password_file)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spegel_tx.config import Address, Config, parse_duration, router_secret
+from spegel_tx.config import Address, Config, basic_auth, parse_duration, router_secret
 from spegel_tx.containerd import hostsconfig
 from spegel_tx.containerd.client import ContainerdClient
 from spegel_tx.errors import ConfigError, SpegelError
@@ -553,11 +553,14 @@ def connect_address(address: Address) -> Address:
     return Address(_WILDCARD_HOSTS.get(address.host, address.host), address.port)
 
 
-def _http_get(url: str, timeout: float) -> tuple[int, bytes]:
+def _http_get(
+    url: str, timeout: float, headers: Mapping[str, str] | None = None
+) -> tuple[int, bytes]:
     """Status and body, errors included; a node's own address never goes through a proxy."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(url, headers=dict(headers or {}))
     try:
-        with opener.open(url, timeout=timeout) as response:
+        with opener.open(request, timeout=timeout) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -569,11 +572,17 @@ def _reason(error: Exception) -> str:
 
 
 def check_registry(config: Config, timeout: float) -> Finding:
+    """``/v2/`` asked with the node's own credentials, as containerd asks it."""
     base = f"http://{connect_address(config.registry_addr)}"
+    try:
+        auth = basic_auth(config)
+    except ConfigError as e:
+        return fail(f"registry {base}: cannot read its credentials: {e}")
+    headers = {} if auth is None else {"Authorization": auth.header().decode("ascii")}
     answers = {}
     for path in ("/v2/", "/readyz"):
         try:
-            answers[path] = _http_get(base + path, timeout)
+            answers[path] = _http_get(base + path, timeout, headers)
         except _NETWORK_ERRORS as e:
             return fail(
                 f"registry {base}{path} not reachable ({_reason(e)}): is spegel-tx running "

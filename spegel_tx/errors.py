@@ -13,6 +13,10 @@ class Filtered(SpegelError):
     """The name is excluded by ``registry-filters`` or ``mirrored-registries``."""
 
 
+class Unauthorized(SpegelError):
+    """A request without the registry's Basic authentication credentials."""
+
+
 class InvalidReference(SpegelError):
     """A repository name, tag or digest that the distribution spec does not allow."""
 

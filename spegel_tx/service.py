@@ -19,6 +19,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from spegel_tx import __version__
+from spegel_tx.basicauth import AuthorizedClient, BasicAuth
 from spegel_tx.config import Address, Config, environment_name
 from spegel_tx.containerd.store import ContainerdStore
 from spegel_tx.debug import DebugPages
@@ -148,15 +149,27 @@ def mirror_settings(config: Config) -> MirrorSettings:
     )
 
 
-def peer_client(config: Config, reactor: Any) -> HTTPClient:
-    """One persistent connection pool to all peers, so a pull's many blobs reuse connections."""
-    return HTTPClient(peer_agent(reactor, config.mirror_connect_timeout, PEER_CONNECTIONS))
+def peer_client(
+    config: Config, reactor: Any, auth: BasicAuth | None = None
+) -> HTTPClient | AuthorizedClient:
+    """One persistent connection pool to all peers, so a pull's many blobs reuse connections;
+    with ``auth``, every request carries the credentials the peers' registries ask for."""
+    client = HTTPClient(peer_agent(reactor, config.mirror_connect_timeout, PEER_CONNECTIONS))
+    return client if auth is None else AuthorizedClient(client, auth)
 
 
-def make_service(config: Config, reactor: Any, *, secret: bytes | None, node_id: bytes) -> Node:
+def make_service(
+    config: Config,
+    reactor: Any,
+    *,
+    secret: bytes | None,
+    node_id: bytes,
+    auth: BasicAuth | None = None,
+) -> Node:
     """Children stop in reverse order: the router withdraws while its UDP port still listens.
 
-    ``secret`` and ``node_id`` were read and checked before (``tap.py``): nothing here fails.
+    ``secret``, ``node_id`` and ``auth`` were read and checked before (``tap.py``): nothing
+    here fails.
     """
     node = Node(config, reactor)
     metrics = NodeMetrics(reactor, config.mirrored_registries)
@@ -199,7 +212,7 @@ def make_service(config: Config, reactor: Any, *, secret: bytes | None, node_id:
     tracker.setServiceParent(node)
     metrics.watch_state(tracker)
 
-    client = peer_client(config, reactor)
+    client = peer_client(config, reactor, auth)
     settings = mirror_settings(config)
     mirror = None
     if config.forwards:
@@ -215,6 +228,7 @@ def make_service(config: Config, reactor: Any, *, secret: bytes | None, node_id:
         config.registry_filters,
         mirror=mirror,
         readiness=readiness,
+        auth=auth,
     )
     registry_site = RegistrySite(registry.resource(), metrics, Reclaimer(reactor))
     listener = _listen(node, "registry-addr", config.registry_addr, registry_site, reactor)

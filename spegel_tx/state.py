@@ -20,6 +20,7 @@ from twisted.logger import Logger
 
 from spegel_tx.content import ImageEvent, ImageEventKind
 from spegel_tx.interfaces import IContentStore, IRouter
+from spegel_tx.oci.filters import Filters
 from spegel_tx.oci.reference import split_image_name
 
 _log = Logger()
@@ -44,8 +45,7 @@ class StateTracker(Service):
         self._clock = clock
         self._store = store
         self._router = router
-        self._mirrored_registries = frozenset(mirrored_registries)
-        self._registry_filters = tuple(registry_filters)
+        self._filters = Filters.of(mirrored_registries, registry_filters)
         self._resync_interval = resync_interval
         self.advertised: set[str] = set()
         self.images: dict[str, str] = {}
@@ -110,9 +110,7 @@ class StateTracker(Service):
         parts = split_image_name(name)
         if parts is None or parts.tag is None:
             return False
-        if self._mirrored_registries and parts.registry not in self._mirrored_registries:
-            return False
-        return not any(pattern.search(name) for pattern in self._registry_filters)
+        return self._filters.excluded(parts.registry, parts.repository, parts.tag) is None
 
     async def _keys(self, known: dict[str, list[str]]) -> set[str]:
         """Every wanted name and the digests under it; walks only images not in ``known``."""

@@ -17,12 +17,14 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from spegel_tx import __version__, logs
+from spegel_tx.basicauth import BasicAuth
 from spegel_tx.config import (
     BOOLEAN_KEYS,
     KEYS,
     LIST_KEYS,
     MEANINGS,
     Config,
+    basic_auth,
     default_text,
     environment_name,
     load_config,
@@ -134,6 +136,7 @@ class Options(usage.Options):
 
     config: Config
     secret: bytes | None
+    auth: BasicAuth | None
 
     def __init__(self) -> None:
         super().__init__()
@@ -160,6 +163,7 @@ class Options(usage.Options):
         try:
             self.config = load_config(self["config"], os.environ, flags)
             self.secret = router_secret(self.config, os.environ)
+            self.auth = basic_auth(self.config)
         except ConfigError as e:
             raise startup_failure(e) from None
 
@@ -191,6 +195,15 @@ def makeService(options: Options) -> IService:
         node_id = node_identity(options.config.data_dir)
     except ConfigError as e:
         raise startup_failure(e) from None
-    node = make_service(options.config, reactor, secret=options.secret, node_id=node_id)
+    if options.auth is not None:
+        _log.info(
+            "every /v2/ request must carry Basic authentication (credentials from {username_file} "
+            "and {password_file})",
+            username_file=options.config.basic_auth_username_file,
+            password_file=options.config.basic_auth_password_file,
+        )
+    node = make_service(
+        options.config, reactor, secret=options.secret, node_id=node_id, auth=options.auth
+    )
     handle_sigterm(reactor, node)
     return node

@@ -146,15 +146,19 @@ def render_hosts_toml(
     *,
     resolve_tags: bool,
     existing_hosts: Mapping[str, Mapping[str, Any]] | None = None,
+    authorization: str | None = None,
 ) -> str:
     """The hosts.toml for ``registry``: our mirrors first, then ``existing_hosts``.
 
     An existing host that is also one of our mirrors is dropped: a table written
     twice makes the whole file invalid and containerd would ignore it.
+    ``authorization`` is an ``Authorization`` header containerd sends our mirrors.
     """
     capabilities = ["pull", "resolve"] if resolve_tags else ["pull"]
     sections = [] if registry.server is None else [f"server = {_toml_value(registry.server)}"]
-    ours = {"capabilities": capabilities, "dial_timeout": DIAL_TIMEOUT}
+    ours: dict[str, Any] = {"capabilities": capabilities, "dial_timeout": DIAL_TIMEOUT}
+    if authorization is not None:
+        ours["header"] = {"Authorization": authorization}
     sections += [_toml_table(["host", target], ours) for target in mirror_targets]
     for host, table in (existing_hosts or {}).items():
         if host not in mirror_targets:
@@ -210,11 +214,13 @@ def apply_configuration(
     *,
     resolve_tags: bool,
     prepend_existing: bool,
+    authorization: str | None = None,
 ) -> list[Path]:
     """Back up ``config_path`` once, then leave only our registries' hosts.toml beside it.
 
     With ``prepend_existing``, a registry's backed-up hosts follow ours, and the
     other files of its directory (certificates they name) are copied back too.
+    A hosts.toml holding ``authorization`` is readable by its owner only.
     Returns the hosts.toml files written.
     """
     if (config_path / _RESTORING).exists():
@@ -235,11 +241,16 @@ def apply_configuration(
     for registry in registries:
         existing, extra_files = kept.get(registry.directory, ({}, []))
         text = render_hosts_toml(
-            registry, mirror_targets, resolve_tags=resolve_tags, existing_hosts=existing
+            registry,
+            mirror_targets,
+            resolve_tags=resolve_tags,
+            existing_hosts=existing,
+            authorization=authorization,
         )
         directory = config_path / registry.directory
         backed_up = config_path / BACKUP_DIR / registry.directory
-        written.append(_write_registry_dir(directory, text, backed_up, extra_files))
+        mode = 0o644 if authorization is None else 0o600
+        written.append(_write_registry_dir(directory, text, backed_up, extra_files, mode))
     return written
 
 
@@ -306,7 +317,7 @@ def _existing(directory: Path) -> tuple[dict[str, dict[str, Any]], list[Path]]:
 
 
 def _write_registry_dir(
-    directory: Path, text: str, backed_up: Path, extra_files: Sequence[Path]
+    directory: Path, text: str, backed_up: Path, extra_files: Sequence[Path], mode: int
 ) -> Path:
     """Copy the extra files from ``backed_up``, write hosts.toml, then drop anything else."""
     directory.mkdir(exist_ok=True)
@@ -316,7 +327,7 @@ def _write_registry_dir(
         mode = stat.S_IMODE(source.stat().st_mode)
         _write_atomic(directory / relative, source.read_bytes(), mode)
     hosts_file = directory / HOSTS_FILE
-    _write_atomic(hosts_file, text.encode(), 0o644)
+    _write_atomic(hosts_file, text.encode(), mode)
     keep = {Path(HOSTS_FILE), *extra_files}
     for root, dirs, names in os.walk(directory, topdown=False):
         for name in names:

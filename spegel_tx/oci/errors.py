@@ -7,16 +7,18 @@ from enum import Enum
 
 
 class ErrorCode(Enum):
-    """Codes from the distribution spec; the value is the HTTP status sent with it."""
+    """Codes from the distribution spec (which allows no others), each with the HTTP
+    status it is sent with here."""
 
     BLOB_UNKNOWN = ("BLOB_UNKNOWN", 404)
     MANIFEST_UNKNOWN = ("MANIFEST_UNKNOWN", 404)
     NAME_UNKNOWN = ("NAME_UNKNOWN", 404)
     NAME_INVALID = ("NAME_INVALID", 400)
     DIGEST_INVALID = ("DIGEST_INVALID", 400)
+    UNAUTHORIZED = ("UNAUTHORIZED", 401)
     UNSUPPORTED = ("UNSUPPORTED", 405)
-    RANGE_NOT_SATISFIABLE = ("RANGE_NOT_SATISFIABLE", 416)
-    UNKNOWN = ("UNKNOWN", 500)
+    SIZE_INVALID = ("SIZE_INVALID", 416)
+    """A ``Range`` outside the content: the spec has no code of its own for it."""
 
     @property
     def status(self) -> int:

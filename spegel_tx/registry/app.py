@@ -2,7 +2,7 @@
 
 containerd only falls back to the real registry on a 404 (or a refused
 connection), so "not here" is always a fast 404 with the OCI error JSON,
-whatever the reason.
+whatever the reason: content not held, a name filtered out, a tag without ``ns``.
 """
 
 from __future__ import annotations
@@ -23,20 +23,31 @@ from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.exceptions import NotFound as werkzeug_NotFound
 
+from spegel_tx.basicauth import REALM, BasicAuth
 from spegel_tx.content import Descriptor
-from spegel_tx.errors import Filtered, InvalidDigest, InvalidReference, NotFound, Unavailable
+from spegel_tx.errors import (
+    Filtered,
+    InvalidDigest,
+    InvalidReference,
+    NotFound,
+    Unauthorized,
+    Unavailable,
+)
 from spegel_tx.interfaces import IBlob, IContentStore
 from spegel_tx.oci.digest import parse_digest
 from spegel_tx.oci.errors import ErrorCode, error_body
+from spegel_tx.oci.filters import Filters
 from spegel_tx.oci.manifest import MANIFEST_MEDIA_TYPES, MAX_MANIFEST_SIZE
 from spegel_tx.oci.ranges import RangeNotSatisfiable, parse_range
-from spegel_tx.oci.reference import Reference, parse_reference, parse_repository, split_image_name
+from spegel_tx.oci.reference import Reference, parse_reference, parse_repository
 from spegel_tx.readiness import Readiness
 from spegel_tx.registry.access import requested_registry, set_handler
 from spegel_tx.registry.mirror import MIRRORED_HEADER, Mirror, MirrorBodyFailed
 from spegel_tx.registry.streaming import send_blob
 
 _log = Logger()
+
+_READ_METHODS = b"GET, HEAD"
 
 
 class Registry:
@@ -52,14 +63,17 @@ class Registry:
         registry_filters: Iterable[re.Pattern[str]] = (),
         mirror: Mirror | None = None,
         readiness: Readiness | None = None,
+        auth: BasicAuth | None = None,
     ) -> None:
-        """``readiness`` is the node's; by default, the store's and the mirror's."""
+        """``readiness`` is the node's; by default, the store's and the mirror's. With
+        ``auth``, every ``/v2/`` request must carry its credentials; the health checks
+        need none."""
         self._reactor = reactor
         self._store = store
         self._mirror = mirror
         self._readiness = readiness or Readiness(store, mirror)
-        self._mirrored_registries = frozenset(mirrored_registries)
-        self._registry_filters = tuple(registry_filters)
+        self._filters = Filters.of(mirrored_registries, registry_filters)
+        self._auth = auth
 
     def resource(self) -> Resource:
         return _Utf8Only(self.app.resource())
@@ -80,27 +94,32 @@ class Registry:
 
     @app.route("/v2/", methods=["GET"])
     def base(self, request: Request) -> bytes:
+        self._authorize(request)
         request.setHeader(b"docker-distribution-api-version", b"registry/2.0")
         request.setHeader(b"content-type", b"application/json")
         return b"{}"
 
     @app.route("/v2/<path:name>/manifests/<reference>", methods=["GET"])
     async def manifest(self, request: Request, name: str, reference: str) -> bytes | None:
+        self._authorize(request)
         ref = parse_reference(requested_registry(request), name, reference)
-        self._check_registry(ref.registry)
+        self._check_filters(ref.registry, ref.repository, ref.tag)
+        if ref.digest is None and ref.registry is None:
+            # Which image a bare tag names depends on the images a node happens to hold:
+            # as in Spegel, only ns (which containerd sends a mirror) makes it one name,
+            # the same here and on every peer.
+            raise NotFound(f"tag {reference} without ns=<registry>: ask by digest, or pass ns")
         try:
             digest, descriptor = await self._local_manifest(ref, reference)
         except (NotFound, Unavailable):
-            # A tag is a key only with its registry (ns); a digest always is.
-            key = ref.digest or (ref.name if ref.registry else None)
-            if key is None or not self._forwards(request):
+            if not self._forwards(request):
                 raise
-            await self._forward(request, key, ref.digest, manifest=True)
+            await self._forward(request, ref.digest or ref.name, ref.digest, manifest=True)
             return None
         if descriptor.media_type not in MANIFEST_MEDIA_TYPES:
             raise NotFound(f"{digest} is not a manifest")
         set_handler(request, "local")
-        _set_content_headers(request, descriptor)
+        _set_content_headers(request, descriptor, ref.registry)
         request.setHeader(b"content-length", b"%d" % descriptor.size)
         if request.method == b"HEAD":
             return b""
@@ -112,9 +131,11 @@ class Registry:
 
     @app.route("/v2/<path:name>/blobs/<digest>", methods=["GET"])
     async def blob(self, request: Request, name: str, digest: str) -> None:
+        self._authorize(request)
         parse_repository(name)
         parse_digest(digest)
-        self._check_registry(requested_registry(request))
+        registry = requested_registry(request)
+        self._check_filters(registry, name)
         try:
             descriptor = await self._store.descriptor(digest)
         except (NotFound, Unavailable):
@@ -123,7 +144,7 @@ class Registry:
             await self._forward(request, digest, digest, manifest=False)
             return
         set_handler(request, "local")
-        _set_content_headers(request, descriptor)
+        _set_content_headers(request, descriptor, registry)
         request.setHeader(b"accept-ranges", b"bytes")
         byte_range = parse_range(_header(request, b"range"), descriptor.size)
         offset, length = 0, descriptor.size
@@ -148,6 +169,7 @@ class Registry:
     @app.route("/v2/<path:rest>", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"])
     def other(self, request: Request, rest: str) -> None:
         """Pushes, deletes, tag lists and catalogues are not a mirror's job."""
+        self._authorize(request)
         if request.method in (b"GET", b"HEAD"):
             raise werkzeug_NotFound()
         raise MethodNotAllowed()
@@ -174,49 +196,48 @@ class Registry:
             await _abort(request)
 
     async def _resolve_tag(self, ref: Reference) -> str:
-        if ref.registry is not None:
-            self._check_filters(ref.name)
-            try:
-                return str(await self._store.resolve(ref.name))
-            except NotFound as e:
-                raise NotFound(f"no image {ref.name} here") from e
-        return await self._resolve_unqualified(ref)
+        try:
+            return str(await self._store.resolve(ref.name))
+        except NotFound as e:
+            raise NotFound(f"no image {ref.name} here") from e
 
-    async def _resolve_unqualified(self, ref: Reference) -> str:
-        """Without ``ns`` a direct client (skopeo, ctr) asks; answer only when
-        exactly one local image matches repository and tag."""
-        matches = []
-        for image in await self._store.images():
-            parts = split_image_name(image.name)
-            if parts and parts.repository == ref.repository and parts.tag == ref.tag:
-                matches.append(image)
-        if len(matches) != 1:
-            found = "no image" if not matches else f"{len(matches)} images"
-            raise NotFound(f"{found} named {ref.repository}:{ref.tag} here; pass ns=<registry>")
-        self._check_filters(matches[0].name)
-        return matches[0].digest
+    def _authorize(self, request: Request) -> None:
+        if self._auth is not None and not self._auth.admits(request.getHeader(b"authorization")):
+            raise Unauthorized("this registry asks for Basic authentication")
 
-    def _check_registry(self, registry: str | None) -> None:
-        if registry and self._mirrored_registries and registry not in self._mirrored_registries:
-            raise Filtered(f"registry {registry} is not in mirrored-registries")
-
-    def _check_filters(self, name: str) -> None:
-        for pattern in self._registry_filters:
-            if pattern.search(name):
-                raise Filtered(f"{name} is excluded by registry-filters {pattern.pattern!r}")
+    def _check_filters(self, registry: str | None, repository: str, tag: str | None = None) -> None:
+        """Before anything is looked up, here or on a peer: a filtered name is neither
+        served nor forwarded, whether asked for by tag or by digest."""
+        if not self._filters:
+            return
+        if registry is None:
+            raise Filtered("without ns=<registry> a request cannot be checked against filters")
+        reason = self._filters.excluded(registry, repository, tag)
+        if reason is not None:
+            raise Filtered(reason)
 
     @app.handle_errors(Exception)
     def error(self, request: IRequest, failure: Failure) -> bytes:
-        code, message = _error_for(request, failure)
-        request.setResponseCode(code.status)
-        request.setHeader(b"content-type", b"application/json")
-        body = error_body(code, message)
+        found = _error_for(request, failure)
+        if found is None:
+            # The spec's codes are for what a client got wrong or cannot have; a fault of
+            # ours gets a plain 500.
+            _log.failure("unexpected error serving {path}", failure, path=request.path)
+            request.setResponseCode(500)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            body = b"internal error\n"
+        else:
+            code, message = found
+            request.setResponseCode(code.status)
+            request.setHeader(b"content-type", b"application/json")
+            body = error_body(code, message)
         request.setHeader(b"content-length", b"%d" % len(body))
         return body
 
 
-def _error_for(request: IRequest, failure: Failure) -> tuple[ErrorCode, str]:
-    """Map an exception to the OCI error a client should see."""
+def _error_for(request: IRequest, failure: Failure) -> tuple[ErrorCode, str] | None:
+    """Map an exception to the OCI error a client should see, with the headers the spec
+    asks for beside it; None for an error of ours."""
     is_blob = b"/blobs/" in request.path
     unknown = ErrorCode.BLOB_UNKNOWN if is_blob else ErrorCode.MANIFEST_UNKNOWN
     error = failure.value
@@ -228,16 +249,20 @@ def _error_for(request: IRequest, failure: Failure) -> tuple[ErrorCode, str]:
         return unknown, str(error) or "not found"
     if isinstance(error, Unavailable):
         return unknown, f"containerd is unavailable: {error}"
+    if isinstance(error, Unauthorized):
+        request.setHeader(b"www-authenticate", b'Basic realm="%s"' % REALM)
+        return ErrorCode.UNAUTHORIZED, str(error)
     if isinstance(error, RangeNotSatisfiable):
         request.setHeader(b"content-range", b"bytes */%d" % error.size)
-        return ErrorCode.RANGE_NOT_SATISFIABLE, str(error)
+        return ErrorCode.SIZE_INVALID, str(error)
     if isinstance(error, MethodNotAllowed):
+        # Every path here, /v2/ and the health checks alike, is read-only.
+        request.setHeader(b"allow", _READ_METHODS)
         method = request.method.decode("ascii", "replace")
         return ErrorCode.UNSUPPORTED, f"{method} is not supported: this registry is pull-only"
     if isinstance(error, HTTPException):
         return ErrorCode.NAME_UNKNOWN, "no such endpoint: this registry serves only pulls"
-    _log.failure("unexpected error serving {path}", failure, path=request.path)
-    return ErrorCode.UNKNOWN, "internal error"
+    return None
 
 
 class _Utf8Only(Resource):
@@ -279,7 +304,11 @@ def _header(request: Request, name: bytes) -> str | None:
     return value.decode("latin-1") if value is not None else None
 
 
-def _set_content_headers(request: Request, descriptor: Descriptor) -> None:
+def _set_content_headers(request: Request, descriptor: Descriptor, registry: str | None) -> None:
+    """``OCI-Namespace`` names the registry the content was asked for under (ns), as
+    Spegel sends it."""
+    if registry is not None:
+        request.setHeader(b"oci-namespace", registry.encode())
     request.setHeader(b"content-type", descriptor.media_type.encode())
     request.setHeader(b"docker-content-digest", descriptor.digest.encode())
     request.setHeader(b"etag", f'"{descriptor.digest}"'.encode())

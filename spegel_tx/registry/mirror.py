@@ -175,6 +175,10 @@ class Mirror:
             for name in _COPIED_HEADERS:
                 for value in response.headers.getRawHeaders(name, []):
                     request.setHeader(name, value)
+            registry = requested_registry(request)
+            if registry is not None and response.code in (200, 206):
+                # Set as a local answer sets it: from this request, not the peer's word.
+                request.setHeader(b"oci-namespace", registry.encode())
             if method == "HEAD":
                 length = response.headers.getRawHeaders(b"content-length", [None])[0]
                 if length is not None:

@@ -494,3 +494,48 @@ def test_an_empty_directory_flag_is_refused_rather_than_meaning_here(capsys):
         cli.main(["cleanup", "--containerd-registry-config-path="], {})
     assert exited.value.code == 2
     assert "--containerd-registry-config-path: an empty path" in capsys.readouterr().err
+
+
+# --- basic authentication ----------------------------------------------------------------
+
+
+def test_the_credentials_go_to_every_mirror_of_ours_as_an_authorization_header():
+    text = render_hosts_toml(
+        DOCKER_HUB,
+        [MIRROR, "http://[fd00::7]:30020"],
+        resolve_tags=True,
+        existing_hosts=parse_existing_hosts(EXISTING_DOCKER_HUB),
+        authorization="Basic c3BlZ2VsOnMzY3JldA==",
+    )
+    hosts = tomllib.loads(text)["host"]
+    for ours in (MIRROR, "http://[fd00::7]:30020"):
+        assert hosts[ours]["header"] == {"Authorization": "Basic c3BlZ2VsOnMzY3JldA=="}
+    assert hosts["https://corp-mirror.example:8443"]["header"] == {"x-custom": ["a", "b"]}
+    assert "header" not in hosts["https://second.example"], "never sent to another host"
+
+
+def test_the_configuration_command_writes_the_secrets_credentials_for_the_owner_only(
+    tmp_path, capsys
+):
+    (tmp_path / "username").write_text("spegel\n")
+    (tmp_path / "password").write_text("s3cret")
+    files = [
+        f"--basic-auth-username-file={tmp_path / 'username'}",
+        f"--basic-auth-password-file={tmp_path / 'password'}",
+    ]
+    assert run_cli(tmp_path, "--mirror-targets", MIRROR, *files) == 0
+    written = tmp_path / "certs.d" / "_default" / "hosts.toml"
+    header = tomllib.loads(written.read_text())["host"][MIRROR]["header"]
+    assert header == {"Authorization": "Basic c3BlZ2VsOnMzY3JldA=="}
+    assert stat.S_IMODE(written.stat().st_mode) == 0o600, "it holds a credential"
+    assert run_cli(tmp_path, "--mirror-targets", MIRROR) == 0
+    assert "header" not in written_hosts(tmp_path)["_default"]["host"][MIRROR]
+    assert stat.S_IMODE(written.stat().st_mode) == 0o644
+
+
+def test_a_credential_file_that_is_not_there_stops_the_configuration(tmp_path, capsys):
+    environ = {"BASIC_AUTH_PASSWORD_FILE": str(tmp_path / "missing")}
+    assert run_cli(tmp_path, "--mirror-targets", MIRROR, environ=environ) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("spegel-tx configuration: error: --basic-auth-password-file: ")
+    assert not (tmp_path / "certs.d").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,6 +27,7 @@ from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
+from spegel_tx.basicauth import AuthorizedClient, BasicAuth
 from spegel_tx.interfaces import ILookup
 from spegel_tx.registry.app import Registry
 from spegel_tx.registry.mirror import Mirror, MirrorSettings
@@ -128,7 +130,15 @@ def peer_registry(*blobs: bytes, images: dict[str, str] | None = None) -> Resour
 class Node:
     """The node under test: nothing held locally, providers from a memory router."""
 
-    def __init__(self, peers: Peers, providers: dict[str, list[str]], **settings: Any) -> None:
+    def __init__(
+        self,
+        peers: Any,
+        providers: dict[str, list[str]],
+        registry: dict[str, Any] | None = None,
+        store: MemoryStore | None = None,
+        **settings: Any,
+    ) -> None:
+        """``registry``: options of the node's own Registry (filters, auth)."""
         self.clock = Clock()
         self.peers = peers
         table = MemoryRoutingTable()
@@ -138,7 +148,9 @@ class Node:
                 table.router(host, int(port)).advertise([key])
         router = table.router("10.0.0.1", 5000)
         self.mirror = Mirror(self.clock, router, peers, MirrorSettings(**settings))
-        registry = Registry(MemoryReactor(), MemoryStore(), mirror=self.mirror)
+        registry = Registry(
+            MemoryReactor(), store or MemoryStore(), mirror=self.mirror, **(registry or {})
+        )
         self.client = StubTreq(registry.resource())
 
     def advance(self, seconds: float) -> None:
@@ -568,7 +580,7 @@ def test_a_client_range_past_the_end_is_answered_416_and_costs_the_peer_nothing(
     response, body = node.body(node.get(BLOB_PATH, range=f"bytes={len(LAYER) + 10}-"))
 
     assert response.code == 416
-    assert error_codes(body) == ["RANGE_NOT_SATISFIABLE"]
+    assert error_codes(body) == ["SIZE_INVALID"]
     assert response.headers.getRawHeaders("content-range") == [f"bytes */{len(LAYER)}"]
     assert not node.mirror.health.quarantined(("10.0.0.2", 5000))
     assert node.download(BLOB_PATH) == LAYER
@@ -940,3 +952,81 @@ def test_sizes_are_not_learned_from_a_tag_a_peer_answers(peers: Peers) -> None:
     node.download(f"/v2/library/demo/manifests/v1?ns={NS}")
 
     assert node.mirror.sizes.get(LAYER_DIGEST) is None
+
+
+def test_a_forwarded_answer_names_the_registry_in_oci_namespace(peers: Peers) -> None:
+    peers.add("10.0.0.2:5000", peer_registry(LAYER))
+    node = Node(peers, {LAYER_DIGEST: ["10.0.0.2:5000"]})
+
+    for method in ("HEAD", "GET"):
+        response, _ = node.body(node.get(BLOB_PATH, method))
+        assert response.code == 200
+        assert response.headers.getRawHeaders("oci-namespace") == [NS]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [BLOB_PATH, f"/v2/library/demo/manifests/{MANIFEST_DIGEST}?ns={NS}"],
+)
+def test_a_filtered_request_is_neither_served_nor_forwarded(peers: Peers, path: str) -> None:
+    peers.add("10.0.0.2:5000", peer_registry(LAYER, MANIFEST))
+    providers = {LAYER_DIGEST: ["10.0.0.2:5000"], MANIFEST_DIGEST: ["10.0.0.2:5000"]}
+    node = Node(peers, providers, registry={"registry_filters": [re.compile(r"^registry\.test/")]})
+
+    response, body = node.body(node.get(path))
+
+    assert response.code == 404
+    assert "registry-filters" in json.loads(body)["errors"][0]["message"]
+    assert peers.sent == [], "nothing may be asked of a peer for a filtered name"
+    assert Node(peers, providers).download(path) in (LAYER, MANIFEST), "unfiltered, it is served"
+
+
+def test_a_tag_without_ns_is_answered_alike_held_here_or_by_a_peer(peers: Peers) -> None:
+    """A node holding the image and a node that would forward give the same 404."""
+    peers.add("10.0.0.2:5000", peer_registry(MANIFEST, images={NAME: MANIFEST_DIGEST}))
+    forwarding = Node(peers, {NAME: ["10.0.0.2:5000"]})
+    holding = Node(Peers(), {}, store=MemoryStore([MANIFEST], {NAME: MANIFEST_DIGEST}))
+    path = "/v2/library/demo/manifests/v1"
+
+    answers = [
+        node.body(node.get(path, method))
+        for method in ("GET", "HEAD")
+        for node in (forwarding, holding)
+    ]
+
+    assert [response.code for response, _ in answers] == [404] * 4
+    assert json.loads(answers[0][1]) == json.loads(answers[1][1])
+    assert peers.sent == []
+    with_ns = [node.download(f"{path}?ns={NS}") for node in (forwarding, holding)]
+    assert with_ns == [MANIFEST, MANIFEST], "with ns both serve it, the one from its peer"
+
+
+def test_a_node_with_credentials_forwards_them_to_its_peers(peers: Peers) -> None:
+    auth = BasicAuth(b"spegel", b"secret")
+    peers.add(
+        "10.0.0.2:5000", Registry(MemoryReactor(), MemoryStore([LAYER]), auth=auth).resource()
+    )
+    node = Node(AuthorizedClient(peers, auth), {LAYER_DIGEST: ["10.0.0.2:5000"]}, {"auth": auth})
+    node.peers = peers
+
+    unauthorized = result_of(node.get(BLOB_PATH))
+    assert unauthorized.code == 401
+    assert peers.sent == []
+    response, body = node.body(node.get(BLOB_PATH, Authorization=auth.header().decode()))
+
+    assert (response.code, body) == (200, LAYER)
+    [(_, _, headers)] = peers.sent
+    assert headers[b"authorization"] == [auth.header()]
+
+
+def test_a_peer_that_refuses_the_credentials_is_passed_over_to_a_404(peers: Peers) -> None:
+    peers.add(
+        "10.0.0.2:5000",
+        Registry(MemoryReactor(), MemoryStore([LAYER]), auth=BasicAuth(b"a", b"b")).resource(),
+    )
+    node = Node(peers, {LAYER_DIGEST: ["10.0.0.2:5000"]})
+
+    response, body = node.body(node.get(BLOB_PATH))
+
+    assert response.code == 404
+    assert error_codes(body) == ["BLOB_UNKNOWN"], "containerd goes to the registry"

@@ -1,5 +1,6 @@
 """The registry API against the in-memory store, through treq's StubTreq (no sockets)."""
 
+import base64
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.python.failure import Failure
 
+from spegel_tx.basicauth import BasicAuth
 from spegel_tx.errors import Unavailable
 from spegel_tx.registry.access import RegistrySite
 from spegel_tx.registry.app import Registry
@@ -122,14 +124,16 @@ def test_get_manifest_by_digest(store, image):
     assert http.content(response).result == image.manifest
 
 
-def test_tag_without_ns_resolves_only_a_unique_match(store, image):
+def test_a_tag_without_ns_is_not_resolved_even_when_held_here(store, image):
+    """As in Spegel: which image a bare tag names would depend on the node asked."""
     http = client(store)
-    url = "http://node/v2/library/demo/manifests/v1"
-    assert http.content(http.get(url).result).result == image.index
-    store.tag("other.test/library/demo:v1", digest_of(image.manifest))
-    response = http.get(url).result
+    response = http.get("http://node/v2/library/demo/manifests/v1").result
     assert response.code == 404
-    assert errors(http.content(response).result) == ["MANIFEST_UNKNOWN"]
+    [error] = json.loads(http.content(response).result)["errors"]
+    assert error["code"] == "MANIFEST_UNKNOWN"
+    assert "ns" in error["message"]
+    by_digest = http.get(f"http://node/v2/library/demo/manifests/{digest_of(image.index)}")
+    assert http.content(by_digest.result).result == image.index
 
 
 def test_unknown_tag_and_non_manifest_digest_are_manifest_unknown(store, image):
@@ -190,7 +194,7 @@ def test_unsatisfiable_range_gives_416(store, image):
     response = http.get(url, headers={"Range": f"bytes={len(layer)}-"}).result
     assert response.code == 416
     assert response.headers.getRawHeaders("content-range") == [f"bytes */{len(layer)}"]
-    assert errors(http.content(response).result) == ["RANGE_NOT_SATISFIABLE"]
+    assert errors(http.content(response).result) == ["SIZE_INVALID"]
 
 
 @pytest.mark.parametrize(
@@ -227,6 +231,109 @@ def test_mirrored_registries_and_filters_hide_names(store, image):
     assert filtered.get(url).result.code == 404
     blob_url = f"http://node/v2/library/demo/blobs/{digest_of(image.config)}?ns=docker.io"
     assert client(store, mirrored_registries=["registry.test"]).get(blob_url).result.code == 404
+
+
+def paths(image, ns: str | None = "registry.test") -> list[str]:
+    """A manifest by digest and a blob, as containerd asks for them after a tag."""
+    query = f"?ns={ns}" if ns else ""
+    return [
+        f"/v2/library/demo/manifests/{digest_of(image.manifest)}{query}",
+        f"/v2/library/demo/blobs/{digest_of(image.layers[0])}{query}",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "served"),
+    [
+        (r"^registry\.test/", False),
+        (r"^registry\.test/library/demo$", False),
+        (r"^other\.test/", True),
+        # A digest request has no tag: a tag filter leaves its content alone, as in Spegel.
+        (r":v1$", True),
+    ],
+)
+def test_filters_apply_to_content_asked_for_by_digest(store, image, pattern, served):
+    http = client(store, registry_filters=[re.compile(pattern)])
+    for path in paths(image):
+        response = http.get("http://node" + path).result
+        assert response.code == (200 if served else 404), path
+        if not served:
+            assert errors(http.content(response).result)[0].endswith("_UNKNOWN")
+    if served:
+        assert [blob.closed for blob in store.opened] == [True, True]
+    else:
+        assert store.opened == [], "filtered content must not even be opened"
+
+
+def test_with_filters_a_request_without_ns_cannot_be_checked_so_is_not_served(store, image):
+    assert all(client(store).get("http://node" + p).result.code == 200 for p in paths(image, None))
+    for options in (
+        {"registry_filters": [re.compile("^nothing/")]},
+        {"mirrored_registries": ["registry.test"]},
+    ):
+        http = client(store, **options)
+        for path in paths(image, None):
+            response = http.get("http://node" + path).result
+            assert response.code == 404, (options, path)
+            assert "ns" in json.loads(http.content(response).result)["errors"][0]["message"]
+
+
+def test_content_answers_name_the_registry_in_oci_namespace(store, image):
+    http = client(store)
+    tag = "http://node/v2/library/demo/manifests/v1?ns=registry.test"
+    for method, url in [("HEAD", tag), ("GET", tag)] + [
+        ("GET", "http://node" + path) for path in paths(image)
+    ]:
+        response = http.request(method, url).result
+        assert response.code == 200
+        assert response.headers.getRawHeaders("oci-namespace") == ["registry.test"], url
+    ranged = http.get("http://node" + paths(image)[1], headers={"Range": "bytes=0-9"}).result
+    assert ranged.headers.getRawHeaders("oci-namespace") == ["registry.test"]
+    bare = http.get("http://node" + paths(image, None)[1]).result
+    assert bare.code == 200
+    assert not bare.headers.hasHeader("oci-namespace")
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("PUT", "/v2/library/demo/manifests/v1"),
+        ("DELETE", "/v2/library/demo/blobs/" + digest_of(b"x")),
+        ("POST", "/v2/library/demo/blobs/uploads/"),
+        ("PATCH", "/v2/library/demo/blobs/uploads/1"),
+        ("POST", "/v2/"),
+        ("OPTIONS", "/v2/library/demo/manifests/v1"),
+        ("POST", "/readyz"),
+    ],
+)
+def test_a_405_says_which_methods_are_allowed(store, method, path):
+    http = client(store)
+    response = http.request(method, "http://node" + path).result
+    assert response.code == 405
+    assert response.headers.getRawHeaders("allow") == ["GET, HEAD"]
+    assert errors(http.content(response).result) == ["UNSUPPORTED"]
+
+
+SPEC_CODES = {
+    "BLOB_UNKNOWN", "BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN", "DIGEST_INVALID",
+    "MANIFEST_BLOB_UNKNOWN", "MANIFEST_INVALID", "MANIFEST_UNKNOWN", "NAME_INVALID",
+    "NAME_UNKNOWN", "SIZE_INVALID", "UNAUTHORIZED", "DENIED", "UNSUPPORTED", "TOOMANYREQUESTS",
+}  # fmt: skip
+
+
+def test_every_error_code_is_one_the_distribution_spec_allows():
+    from spegel_tx.oci.errors import ErrorCode
+
+    assert {code.value[0] for code in ErrorCode} <= SPEC_CODES
+
+
+def test_an_error_of_ours_is_a_plain_500_not_a_made_up_code(store):
+    store.descriptor = lambda digest: fail(RuntimeError("bug"))
+    http = client(store)
+    response = http.get("http://node" + "/v2/library/demo/blobs/" + digest_of(b"x")).result
+    assert response.code == 500
+    assert response.headers.getRawHeaders("content-type") == ["text/plain; charset=utf-8"]
+    assert http.content(response).result == b"internal error\n"
 
 
 def test_unavailable_store_is_a_fast_404(store):
@@ -351,3 +458,50 @@ def test_a_request_body_never_reaches_a_temporary_file(store, image, monkeypatch
         b"GET /v2/ HTTP/1.1\r\nHost: n\r\nContent-Length: 1000000\r\n\r\n" + b"y" * 1_000_000,
     )
     assert status == b"HTTP/1.1 200 OK"
+
+
+AUTH = BasicAuth(b"spegel", b"s3cret:with colon")
+GOOD = "Basic " + base64.b64encode(b"spegel:s3cret:with colon").decode()
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        None,
+        "Basic " + base64.b64encode(b"spegel:wrong").decode(),
+        "Basic " + base64.b64encode(b"other:s3cret:with colon").decode(),
+        "Basic " + base64.b64encode(b"spegel").decode(),
+        "Basic not-base64!",
+        "Bearer " + base64.b64encode(b"spegel:s3cret:with colon").decode(),
+        GOOD[:-2],
+    ],
+)
+def test_without_the_credentials_every_v2_request_is_a_401(store, image, authorization):
+    http = client(store, auth=AUTH)
+    headers = {} if authorization is None else {"Authorization": authorization}
+    tag = "/v2/library/demo/manifests/v1?ns=registry.test"
+    for method, path in [("GET", "/v2/"), ("HEAD", tag), ("GET", tag), ("PUT", tag)] + [
+        ("GET", p) for p in paths(image)
+    ]:
+        response = http.request(method, "http://node" + path, headers=headers).result
+        assert response.code == 401, (method, path)
+        assert response.headers.getRawHeaders("www-authenticate") == ['Basic realm="spegel-tx"']
+        if method != "HEAD":
+            assert errors(http.content(response).result) == ["UNAUTHORIZED"]
+    assert store.opened == []
+
+
+def test_with_the_credentials_requests_are_served(store, image):
+    http = client(store, auth=AUTH)
+    headers = {"Authorization": GOOD}
+    assert http.get("http://node/v2/", headers=headers).result.code == 200
+    tag = "http://node/v2/library/demo/manifests/v1?ns=registry.test"
+    assert http.content(http.get(tag, headers=headers).result).result == image.index
+    lower = {"Authorization": "basic " + GOOD.split()[1]}
+    for path in paths(image):
+        assert http.get("http://node" + path, headers=lower).result.code == 200
+
+
+@pytest.mark.parametrize("path", ["/livez", "/readyz"])
+def test_probes_need_no_credentials(store, path):
+    assert client(store, auth=AUTH).get("http://node" + path).result.code == 200
