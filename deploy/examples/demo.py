@@ -56,7 +56,8 @@ def main(work: Path) -> None:
             for header in ("Content-Type", "Docker-Content-Digest", "Content-Length"):
                 print(f"{header}: {response.headers[header]}")
 
-        step("skopeo copies the image out of spegel-tx")
+        # A client that talks to the node directly has no ns to send: it asks by digest.
+        step("skopeo copies the image out of spegel-tx, by digest")
         started = time.monotonic()
         copied = subprocess.run(
             [
@@ -64,7 +65,7 @@ def main(work: Path) -> None:
                 "--insecure-policy",
                 "copy",
                 "--src-tls-verify=false",
-                f"docker://{address}/library/demo:v1",
+                f"docker://{address}/library/demo@{image.manifest_digest}",
                 f"oci:{work / 'copy'}:v1",
             ],
             capture_output=True,
@@ -76,7 +77,7 @@ def main(work: Path) -> None:
         print(f"copied in {time.monotonic() - started:.2f}s")
 
         step("ctr pulls it through spegel-tx into another namespace")
-        reference = f"{address}/library/demo:v1"
+        reference = f"{address}/library/demo@{image.index_digest}"
         containerd.ctr("images", "pull", "--plain-http", reference, namespace="demo-pull")
         print(containerd.ctr("images", "ls", "-q", namespace="demo-pull"))
 
