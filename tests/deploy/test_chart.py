@@ -21,7 +21,8 @@ from helm_python.chart import Chart, lint
 
 import spegel_tx
 from deploy.render import CHART, MANIFESTS, is_hook, plain_manifests, render, split_documents
-from spegel_tx.config import Config, load_config, router_secret
+from spegel_tx.basicauth import BasicAuth
+from spegel_tx.config import Config, basic_auth, load_config, router_secret
 from tests.support.processes import spegel_tx_cli
 
 KUBERNETES = "1.30.0"
@@ -59,6 +60,7 @@ CASES: dict[str, dict[str, Any]] = {
             "mirrorPeerQuarantine": "1m",
         }
     },
+    "basicAuth": {"basicAuthSecretName": "registry-auth"},
     "minimal": {
         "service": {"registry": {"nodePort": 0}},
         "spegel": {"persistence": {"enabled": False}, "containerdContentPath": ""},
@@ -516,3 +518,49 @@ def test_the_debug_page_is_on_by_default_as_in_spegel(tmp_path):
     assert node_config(off, tmp_path)[1].debug_web_enabled is False
     values_text = (CHART / "values.yaml").read_text()
     assert "It has no authentication" in values_text, "the security note stays beside it"
+
+
+SECRET_MOUNT = "/etc/secrets/basic-auth"
+
+
+def test_spegels_basic_auth_secret_reaches_hosts_toml_and_the_daemon(tmp_path):
+    """With the Secret's files where the kubelet mounts them, the init container writes the
+    header containerd sends, and the daemon asks for the same credentials."""
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "username").write_text("spegel")
+    (secret / "password").write_text("s3cret")
+    values = CASES["basicAuth"]
+    pod = daemonset(values)["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "basic-auth")
+    assert volume["secret"] == {"secretName": "registry-auth"}
+    init = container(pod, "configuration", init=True)
+    daemon = container(pod, "spegel-tx")
+    for mounted in (init, daemon):
+        mount = next(m for m in mounted["volumeMounts"] if m["name"] == "basic-auth")
+        assert (mount["mountPath"], mount["readOnly"]) == (SECRET_MOUNT, True)
+
+    certs = tmp_path / "certs.d"
+    args = [arg.replace(SECRET_MOUNT, str(secret)) for arg in with_host_path(init["args"], certs)]
+    result = spegel_tx_cli(*args)
+    assert result.returncode == 0, result.stderr
+    hosts = tomllib.loads((certs / "_default" / "hosts.toml").read_text())["host"]
+    expected = BasicAuth(b"spegel", b"s3cret")
+    assert {table["header"]["Authorization"] for table in hosts.values()} == {
+        expected.header().decode()
+    }
+
+    path, _ = node_config(values, tmp_path)
+    path.write_text(path.read_text().replace(SECRET_MOUNT, str(secret)))
+    assert basic_auth(load_config(str(path), environ={})) == expected
+
+
+def test_without_a_basic_auth_secret_nothing_asks_for_credentials(tmp_path):
+    pod = daemonset({})["spec"]["template"]["spec"]
+    assert "basic-auth" not in {v["name"] for v in pod["volumes"]}
+    certs = tmp_path / "certs.d"
+    init = container(pod, "configuration", init=True)
+    assert spegel_tx_cli(*with_host_path(init["args"], certs)).returncode == 0
+    assert "header" not in (certs / "_default" / "hosts.toml").read_text()
+    _, config = node_config({}, tmp_path)
+    assert basic_auth(config) is None

@@ -93,3 +93,13 @@ or when rendering without a cluster (helm template), where lookup sees nothing. 
 {{- define "spegel-tx.existingRouterSecret" -}}
 {{- lookup "v1" "Secret" (include "spegel-tx.namespace" .) (include "spegel-tx.routerSecretName" .) | toJson }}
 {{- end }}
+
+{{/* Where a container reads one of basicAuthSecretName's keys ("username", "password"):
+Spegel's mount path, or nothing (no authentication) without a Secret. */}}
+{{- define "spegel-tx.basicAuthFile" -}}
+{{- $root := index . 0 -}}
+{{- if $root.Values.basicAuthSecretName -}}
+/etc/secrets/basic-auth/{{ index . 1 }}
+{{- end -}}
+{{- end }}
+
