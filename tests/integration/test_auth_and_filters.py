@@ -138,6 +138,15 @@ def test_containerd_pulls_through_two_nodes_with_basic_auth_and_gets_401_without
     assert set(demo_image.layer_digests) <= served_by_a, "B forwarded with the credentials"
     assert not [r for r in access(a) if r["status"] == 401]
 
+    # The doctor asks /v2/ with the node's own credentials.
+    checkup = spegel_tx_cli(
+        "doctor",
+        f"--config={b.log_path.parent / 'node.yaml'}",
+        f"--containerd-config={empty_containerd.config}",
+        f"--containerd-registry-config-path={empty_containerd.certs_dir}",
+    )
+    assert f"ok    registry {b.url}: /v2/ 200, /readyz 200" in checkup.stdout.splitlines()
+
 
 def test_filters_ns_and_headers_hold_for_content_held_here_and_forwarded(
     spegel_node, containerd, empty_containerd, demo_image
