@@ -6,7 +6,6 @@ import errno
 from typing import Any
 
 from treq.client import HTTPClient
-from twisted.application.internet import TCPServer, UDPServer
 from twisted.application.service import MultiService, Service
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IResolver
@@ -24,6 +23,7 @@ from spegel_tx.containerd.store import ContainerdStore
 from spegel_tx.debug import DebugPages
 from spegel_tx.debugweb import DebugWeb
 from spegel_tx.interfaces import IBootstrapper
+from spegel_tx.listeners import TCPListener, UDPListener
 from spegel_tx.metrics import MetricsResource
 from spegel_tx.nodemetrics import NodeMetrics
 from spegel_tx.readiness import Readiness
@@ -179,9 +179,7 @@ def make_service(config: Config, reactor: Any, *, secret: bytes | None, node_id:
             records_per_host=config.router_max_records_per_host,
         ),
     )
-    udp = UDPServer(
-        config.router_addr.port, protocol, interface=config.router_addr.host, reactor=reactor
-    )
+    udp = UDPListener(reactor, config.router_addr, protocol)
     udp.setName("router-addr")
     udp.setServiceParent(node)
     router = KademliaRouter(
@@ -233,8 +231,10 @@ def make_service(config: Config, reactor: Any, *, secret: bytes | None, node_id:
     return node
 
 
-def _listen(node: MultiService, key: str, address: Address, site: Site, reactor: Any) -> TCPServer:
-    listener = TCPServer(address.port, site, interface=address.host, reactor=reactor)
+def _listen(
+    node: MultiService, key: str, address: Address, site: Site, reactor: Any
+) -> TCPListener:
+    listener = TCPListener(reactor, address, site)
     listener.setName(key)
     listener.setServiceParent(node)
     return listener

@@ -27,6 +27,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from spegel_tx.listeners import unmapped
 from spegel_tx.routing.kademlia.codec import (
     DecodeError,
     body_room,
@@ -172,7 +173,11 @@ class KademliaProtocol(DatagramProtocol):
             raise RequestUnsendable("the DHT is not listening")
         self.counters["datagrams_out"] += 1
         self.counters["bytes_out"] += len(data)
-        self.transport.write(data, address)
+        host, port = address
+        if getattr(self.transport, "addressFamily", None) == socket.AF_INET6 and ":" not in host:
+            # A dual-stack socket (listeners.py) reaches IPv4 peers at their mapped address.
+            host = f"::ffff:{host}"
+        self.transport.write(data, (host, port))
 
     def request(self, contact: Contact, body: Body, evicts: bool = True) -> Deferred[Message]:
         """Send ``body`` to ``contact``; the Deferred fires with the response message or
@@ -243,7 +248,7 @@ class KademliaProtocol(DatagramProtocol):
             self._drop(e.reason)
             return
         try:
-            self._received(message, (addr[0], addr[1]), len(datagram))
+            self._received(message, (unmapped(addr[0]), addr[1]), len(datagram))
         except Exception:
             self._drop("error")
             _log.failure("handling a datagram from {host}:{port}", host=addr[0], port=addr[1])
