@@ -32,6 +32,7 @@ from spegel_tx.registry.access import RegistrySite
 from spegel_tx.registry.app import Registry
 from spegel_tx.registry.connections import peer_agent
 from spegel_tx.registry.mirror import Mirror, MirrorSettings
+from spegel_tx.routing.addresses import NodeAddresses
 from spegel_tx.routing.bootstrap import DNSBootstrapper, StaticBootstrapper
 from spegel_tx.routing.kademlia.limits import Limits
 from spegel_tx.routing.kademlia.protocol import KademliaProtocol
@@ -148,9 +149,11 @@ def mirror_settings(config: Config) -> MirrorSettings:
     )
 
 
-def peer_client(config: Config, reactor: Any) -> HTTPClient:
-    """One persistent connection pool to all peers, so a pull's many blobs reuse connections."""
-    return HTTPClient(peer_agent(reactor, config.mirror_connect_timeout, PEER_CONNECTIONS))
+def peer_client(config: Config, reactor: Any, addresses: NodeAddresses) -> HTTPClient:
+    """One persistent connection pool to all peers, so a pull's many blobs reuse
+    connections; a peer is reached at any address ``addresses`` knows for it."""
+    agent = peer_agent(reactor, config.mirror_connect_timeout, PEER_CONNECTIONS, addresses.hosts_of)
+    return HTTPClient(agent)
 
 
 def make_service(config: Config, reactor: Any, *, secret: bytes | None, node_id: bytes) -> Node:
@@ -197,7 +200,7 @@ def make_service(config: Config, reactor: Any, *, secret: bytes | None, node_id:
     tracker.setServiceParent(node)
     metrics.watch_state(tracker)
 
-    client = peer_client(config, reactor)
+    client = peer_client(config, reactor, protocol.addresses)
     settings = mirror_settings(config)
     mirror = None
     if config.forwards:

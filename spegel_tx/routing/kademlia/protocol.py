@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from spegel_tx.listeners import unmapped
+from spegel_tx.routing.addresses import NodeAddresses
 from spegel_tx.routing.kademlia.codec import (
     DecodeError,
     body_room,
@@ -141,6 +142,8 @@ class KademliaProtocol(DatagramProtocol):
         self._total_budget = ByteBudget(clock, limits.answer_rate_total, limits.answer_burst_total)
         self._awaiting_peer: list[Deferred[None]] = []
         self.own_addresses: set[tuple[str, int]] = set()
+        self.addresses = NodeAddresses()
+        """Every address each node answered from: a dual-stack peer has two."""
         self.on_peer_seen: Callable[[tuple[str, int]], None] | None = None
         """Told ``(host, registry port)`` of every node a datagram comes from: it is alive."""
 
@@ -330,6 +333,7 @@ class KademliaProtocol(DatagramProtocol):
                 AnsweredByAnother(f"{address[0]}:{address[1]} answers as another node")
             )
             return False
+        self.addresses.learn(sender.node_id, sender.host)
         self._admit(sender)
         pending.result.callback(message)
         return True
