@@ -30,7 +30,7 @@ from spegel_tx.readiness import Readiness
 from spegel_tx.reclaim import Reclaimer
 from spegel_tx.registry.access import RegistrySite
 from spegel_tx.registry.app import Registry
-from spegel_tx.registry.connections import peer_agent
+from spegel_tx.registry.connections import PeerClient, peer_agent
 from spegel_tx.registry.mirror import Mirror, MirrorSettings
 from spegel_tx.routing.addresses import NodeAddresses
 from spegel_tx.routing.bootstrap import DNSBootstrapper, StaticBootstrapper
@@ -153,7 +153,7 @@ def peer_client(config: Config, reactor: Any, addresses: NodeAddresses) -> HTTPC
     """One persistent connection pool to all peers, so a pull's many blobs reuse
     connections; a peer is reached at any address ``addresses`` knows for it."""
     agent = peer_agent(reactor, config.mirror_connect_timeout, PEER_CONNECTIONS, addresses.hosts_of)
-    return HTTPClient(agent)
+    return PeerClient(agent)
 
 
 def make_service(config: Config, reactor: Any, *, secret: bytes | None, node_id: bytes) -> Node:

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from hyperlink import EncodedURL
+from treq.client import HTTPClient
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
@@ -151,6 +153,25 @@ class _PeerEndpoints:
         if isIPv6Address(host):
             return TCP6ClientEndpoint(self._reactor, host, port, self._connect_timeout)
         return HostnameEndpoint(self._reactor, host.encode("ascii"), port, self._connect_timeout)
+
+
+class _AsciiURL(EncodedURL):
+    """A URL already in ASCII, as every peer URL is: treq sends each URL through
+    hyperlink's ``to_uri``, which IDNA-encodes the host, and idna 3 refuses the
+    colons of an IPv6 literal (``http://[fd00::1]:5000/`` fails before any
+    connection is tried)."""
+
+    def to_uri(self) -> EncodedURL:
+        return self
+
+
+class PeerClient(HTTPClient):
+    """treq's client for peer URLs, IPv6 literals included."""
+
+    def request(self, method: str, url: Any, **kwargs: Any) -> Any:
+        if isinstance(url, str):
+            url = _AsciiURL.from_text(url)
+        return super().request(method, url, **kwargs)
 
 
 def peer_agent(

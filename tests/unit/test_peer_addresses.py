@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from zope.interface.verify import verifyObject
 
-from spegel_tx.registry.connections import ATTEMPT_DELAY, RacingEndpoint, peer_agent
+from spegel_tx.registry.connections import ATTEMPT_DELAY, PeerClient, RacingEndpoint, peer_agent
 from spegel_tx.routing.addresses import NodeAddresses
 from spegel_tx.routing.kademlia.messages import Contact
 from spegel_tx.routing.kademlia.protocol import KademliaProtocol
@@ -207,3 +207,12 @@ def test_an_address_that_connects_at_once_ends_the_race() -> None:
     second = FakeEndpoint()
     clock, results = race(Connected(), second)  # type: ignore[arg-type]
     assert len(results) == 1 and not second.attempts and not clock.getDelayedCalls()
+
+
+def test_treq_requests_reach_an_ipv6_peer() -> None:
+    """treq's own client IDNA-encodes every host, and idna refuses an IPv6 literal's
+    colons: the request would fail before connecting."""
+    reactor = MemoryReactorClock()
+    client = PeerClient(peer_agent(reactor, 1.5, 8))
+    client.request("GET", "http://[fd00::2]:5000/v2/library/demo/blobs/sha256:ab?ns=a%3A1")
+    assert [client[0] for client in reactor.tcpClients] == ["fd00::2"]
