@@ -5,8 +5,6 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from treq.client import HTTPClient
-from twisted.application.internet import TCPServer, UDPServer
 from twisted.application.service import MultiService, Service
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IResolver
@@ -25,14 +23,16 @@ from spegel_tx.containerd.store import ContainerdStore
 from spegel_tx.debug import DebugPages
 from spegel_tx.debugweb import DebugWeb
 from spegel_tx.interfaces import IBootstrapper
+from spegel_tx.listeners import TCPListener, UDPListener
 from spegel_tx.metrics import MetricsResource
 from spegel_tx.nodemetrics import NodeMetrics
 from spegel_tx.readiness import Readiness
 from spegel_tx.reclaim import Reclaimer
 from spegel_tx.registry.access import RegistrySite
 from spegel_tx.registry.app import Registry
-from spegel_tx.registry.connections import peer_agent
+from spegel_tx.registry.connections import PeerClient, peer_agent
 from spegel_tx.registry.mirror import Mirror, MirrorSettings
+from spegel_tx.routing.addresses import NodeAddresses
 from spegel_tx.routing.bootstrap import DNSBootstrapper, StaticBootstrapper
 from spegel_tx.routing.kademlia.limits import Limits
 from spegel_tx.routing.kademlia.protocol import KademliaProtocol
@@ -150,11 +150,13 @@ def mirror_settings(config: Config) -> MirrorSettings:
 
 
 def peer_client(
-    config: Config, reactor: Any, auth: BasicAuth | None = None
-) -> HTTPClient | AuthorizedClient:
-    """One persistent connection pool to all peers, so a pull's many blobs reuse connections;
-    with ``auth``, every request carries the credentials the peers' registries ask for."""
-    client = HTTPClient(peer_agent(reactor, config.mirror_connect_timeout, PEER_CONNECTIONS))
+    config: Config, reactor: Any, addresses: NodeAddresses, auth: BasicAuth | None = None
+) -> PeerClient | AuthorizedClient:
+    """One persistent connection pool to all peers, so a pull's many blobs reuse
+    connections; a peer is reached at any address ``addresses`` knows for it. With
+    ``auth``, every request carries the credentials the peers' registries ask for."""
+    agent = peer_agent(reactor, config.mirror_connect_timeout, PEER_CONNECTIONS, addresses.hosts_of)
+    client = PeerClient(agent)
     return client if auth is None else AuthorizedClient(client, auth)
 
 
@@ -192,9 +194,7 @@ def make_service(
             records_per_host=config.router_max_records_per_host,
         ),
     )
-    udp = UDPServer(
-        config.router_addr.port, protocol, interface=config.router_addr.host, reactor=reactor
-    )
+    udp = UDPListener(reactor, config.router_addr, protocol)
     udp.setName("router-addr")
     udp.setServiceParent(node)
     router = KademliaRouter(
@@ -212,7 +212,7 @@ def make_service(
     tracker.setServiceParent(node)
     metrics.watch_state(tracker)
 
-    client = peer_client(config, reactor, auth)
+    client = peer_client(config, reactor, protocol.addresses, auth)
     settings = mirror_settings(config)
     mirror = None
     if config.forwards:
@@ -247,8 +247,10 @@ def make_service(
     return node
 
 
-def _listen(node: MultiService, key: str, address: Address, site: Site, reactor: Any) -> TCPServer:
-    listener = TCPServer(address.port, site, interface=address.host, reactor=reactor)
+def _listen(
+    node: MultiService, key: str, address: Address, site: Site, reactor: Any
+) -> TCPListener:
+    listener = TCPListener(reactor, address, site)
     listener.setName(key)
     listener.setServiceParent(node)
     return listener

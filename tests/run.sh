@@ -2,7 +2,8 @@
 # The whole test suite on a Debian machine, as root, set-up included:
 #   bash tests/run.sh [pytest arguments]
 # It installs what is missing: with apt-get, containerd (with ctr), docker-registry,
-# skopeo, chromium, systemd (systemd-analyze), python3-venv, and for the container image
+# skopeo, chromium, systemd (systemd-analyze), python3-venv, iproute2 and iptables (the
+# network namespaces of tests/integration/test_ip_networks.py), and for the container image
 # (tests/image) mmdebstrap, umoci, runc and git; with pip, the project
 # and its test extras into a virtualenv, $SPEGEL_TX_TEST_VENV (default .venv in the
 # checkout), again whenever the checkout's code has changed. Then it runs
@@ -17,7 +18,7 @@ VENV=${SPEGEL_TX_TEST_VENV:-$ROOT/.venv}
 
 install_missing_packages containerd=containerd ctr=containerd docker-registry=docker-registry \
     skopeo=skopeo chromium=chromium systemd-analyze=systemd \
-    mmdebstrap=mmdebstrap umoci=umoci runc=runc git=git
+    mmdebstrap=mmdebstrap umoci=umoci runc=runc git=git ip=iproute2 iptables=iptables
 install_project "$VENV" "[test]"
 
 cd "$ROOT"

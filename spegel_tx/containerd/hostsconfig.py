@@ -159,10 +159,16 @@ def render_hosts_toml(
     ours: dict[str, Any] = {"capabilities": capabilities, "dial_timeout": DIAL_TIMEOUT}
     if authorization is not None:
         ours["header"] = {"Authorization": authorization}
-    sections += [_toml_table(["host", target], ours) for target in mirror_targets]
-    for host, table in (existing_hosts or {}).items():
-        if host not in mirror_targets:
-            sections.append(_toml_table(["host", host], table))
+    hosts: dict[str, Mapping[str, Any]] = {target: ours for target in mirror_targets}
+    hosts |= {h: t for h, t in (existing_hosts or {}).items() if h not in mirror_targets}
+    if any("]" in host for host in hosts):
+        # containerd 1.6's TOML reader ends a table header at the first "]", even in
+        # quotes: [host."http://[fd00::1]:5000"] is an error and the file is ignored.
+        # Keys of one [host] table, in the same order, read fine.
+        entries = [f"  {_toml_key(host)} = {_toml_value(table)}" for host, table in hosts.items()]
+        sections.append("\n".join(["[host]", *entries]))
+    else:
+        sections += [_toml_table(["host", host], table) for host, table in hosts.items()]
     return "\n\n".join(sections) + "\n"
 
 

@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.server import Request, Site
 
+from spegel_tx.listeners import unmapped
 from spegel_tx.nodemetrics import NodeMetrics
 from spegel_tx.reclaim import Reclaimer
 from spegel_tx.registry.connections import enlarge_buffers
@@ -61,7 +62,7 @@ class AccessLogRequest(Request):
             status=self.code,
             bytes=self.sentLength,
             duration_ms=round(seconds * 1000, 3),
-            client=getattr(self.getClientAddress(), "host", "-"),
+            client=unmapped(getattr(self.getClientAddress(), "host", "-")),
             handler=self.handler,
             peer=self.peer,
             completed=result is None,

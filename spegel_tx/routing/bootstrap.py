@@ -9,7 +9,9 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IAddress, IHostResolution, IResolutionReceiver
 from twisted.logger import Logger, LogLevel
 from twisted.names import dns
 from zope.interface import implementer
@@ -28,9 +30,38 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+@implementer(IResolutionReceiver)
+class _Addresses:
+    """Collects what the reactor's name resolver finds for one name."""
+
+    def __init__(self) -> None:
+        self.hosts: list[str] = []
+        self.done: Deferred[list[str]] = Deferred()
+
+    def resolutionBegan(self, resolution: IHostResolution) -> None:
+        pass
+
+    def addressResolved(self, address: IAddress) -> None:
+        host = getattr(address, "host", None)
+        if isinstance(host, str) and host not in self.hosts:
+            self.hosts.append(host)
+
+    def resolutionComplete(self) -> None:
+        self.done.callback(self.hosts)
+
+
+def resolve_all(reactor: Any, host: str) -> Deferred[list[str]]:
+    """Every IPv4 and IPv6 address of ``host`` (getaddrinfo's A and AAAA answers and
+    /etc/hosts), in the resolver's order; an empty list if it has none."""
+    receiver = _Addresses()
+    reactor.nameResolver.resolveHostName(receiver, host, 0, (IPv4Address, IPv6Address), "UDP")
+    return receiver.done
+
+
 @implementer(IBootstrapper)
 class StaticBootstrapper:
-    """A fixed list of ``host:port`` router addresses; host names are resolved each time."""
+    """A fixed list of ``host:port`` router addresses; host names are resolved each time,
+    to all their addresses: a dual-stack peer is asked on both."""
 
     def __init__(self, reactor: Any, peers: tuple[Address, ...]) -> None:
         self._reactor = reactor
@@ -42,10 +73,10 @@ class StaticBootstrapper:
             if _is_ip(peer.host):
                 found.append((peer.host, peer.port))
                 continue
-            try:
-                found.append((await self._reactor.resolve(peer.host), peer.port))
-            except Exception as e:
-                _log.warn("cannot resolve bootstrap peer {host}: {error}", host=peer.host, error=e)
+            hosts = await resolve_all(self._reactor, peer.host)
+            if not hosts:
+                _log.warn("cannot resolve bootstrap peer {host}", host=peer.host)
+            found.extend((host, peer.port) for host in hosts)
         return found
 
     def peers(self) -> Deferred[list[tuple[str, int]]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -47,10 +47,12 @@ class Containerd:
 
     namespace = "k8s.io"
 
-    def __init__(self, base: Path, cri: str = CRI_REGISTRY) -> None:
+    def __init__(self, base: Path, cri: str = CRI_REGISTRY, wrapper: Sequence[str] = ()) -> None:
         """``cri`` is the config's CRI plugin tables (``{base}`` is replaced); the default
-        points its registry config_path at ``certs_dir``."""
+        points its registry config_path at ``certs_dir``. ``wrapper`` runs it inside
+        something, as ``ip netns exec NAME``."""
         self.base = base
+        self.wrapper = list(wrapper)
         base.mkdir(parents=True, exist_ok=True)
         self.address = str(base / "containerd.sock")
         self.root = base / "root"
@@ -80,7 +82,9 @@ class Containerd:
 
     def start(self, timeout: float = 30.0) -> None:
         """Start and wait until ``ctr version`` answers; a containerd that never does is stopped."""
-        self.process = start_process(["containerd", "--config", str(self.config)], self.log_path)
+        self.process = start_process(
+            [*self.wrapper, "containerd", "--config", str(self.config)], self.log_path
+        )
         try:
             self._wait_answering(self.process, timeout)
         except BaseException:

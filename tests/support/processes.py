@@ -164,9 +164,12 @@ def spegel_tx_cli(
     )
 
 
-def start_spegel(keys: Mapping[str, Any], workdir: Path) -> tuple[subprocess.Popen[bytes], Path]:
+def start_spegel(
+    keys: Mapping[str, Any], workdir: Path, wrapper: Sequence[str] = ()
+) -> tuple[subprocess.Popen[bytes], Path]:
     """``twistd -n spegel`` with ``keys`` as its node.yaml in ``workdir``; its log, one
-    JSON object per line, is the returned path."""
+    JSON object per line, is the returned path. ``wrapper`` runs it inside something,
+    as ``ip netns exec NAME``."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "node.yaml"
     config.write_text(yaml.safe_dump(dict(keys), sort_keys=False))
@@ -175,7 +178,7 @@ def start_spegel(keys: Mapping[str, Any], workdir: Path) -> tuple[subprocess.Pop
     logger = ["--logger", "spegel_tx.logs.json_observer"]
     environment, _ = _spegel_code()
     process = start_process(
-        [*twistd, "-n", "--pidfile=", *logger, "spegel", "--config", str(config)],
+        [*wrapper, *twistd, "-n", "--pidfile=", *logger, "spegel", "--config", str(config)],
         log_path,
         cwd=workdir,
         env=environment,

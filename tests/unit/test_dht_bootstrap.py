@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import pairwise
@@ -24,8 +25,10 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
-from twisted.internet.error import DNSLookupError, InvalidAddressError
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.error import InvalidAddressError
+from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, LogLevel, capturedLogs
 from twisted.names import authority, client, dns, server
@@ -180,17 +183,30 @@ async def test_dns_name_without_addresses_gives_no_peers_and_a_warning(
 
 
 class FakeResolvingReactor:
-    """Just ``resolve``: names from a dictionary, everything else a DNSLookupError."""
+    """Just a ``nameResolver``: names from a dictionary, each to its addresses (an
+    unknown name to none, as getaddrinfo's resolver reports a failure)."""
 
-    def __init__(self, names: dict[str, str]) -> None:
+    def __init__(self, names: dict[str, list[str]]) -> None:
         self.names = names
         self.asked: list[str] = []
+        self.nameResolver = self
 
-    def resolve(self, name: str, timeout: Any = None) -> Deferred[str]:
-        self.asked.append(name)
-        if name in self.names:
-            return succeed(self.names[name])
-        return fail(DNSLookupError(f"address {name!r} not found"))
+    def resolveHostName(
+        self,
+        receiver: Any,
+        host_name: str,
+        port: int,
+        address_types: Any,
+        transport: str,
+    ) -> Any:
+        self.asked.append(host_name)
+        assert set(address_types) == {IPv4Address, IPv6Address}, "A and AAAA both"
+        receiver.resolutionBegan(None)
+        for host in self.names.get(host_name, []):
+            kind = IPv6Address if ":" in host else IPv4Address
+            receiver.addressResolved(kind(transport, host, port))
+        receiver.resolutionComplete()
+        return None
 
 
 def result_of(d: Deferred[Any]) -> Any:
@@ -214,11 +230,20 @@ def test_static_ip_literals_pass_through_in_order_unresolved() -> None:
 async def test_static_host_name_is_resolved_through_the_reactor() -> None:
     configured = (Address("localhost", 5001), Address("10.0.0.3", 5003))
     peers = await StaticBootstrapper(reactor, configured).peers()
-    assert peers == [("127.0.0.1", 5001), ("10.0.0.3", 5003)]
+    localhost = socket.getaddrinfo("localhost", 0, type=socket.SOCK_DGRAM)
+    hosts = list(dict.fromkeys(str(sockaddr[0]) for *_, sockaddr in localhost))
+    assert "127.0.0.1" in hosts
+    assert peers == [*((host, 5001) for host in hosts), ("10.0.0.3", 5003)]
+
+
+def test_static_host_name_gives_every_ipv4_and_ipv6_address() -> None:
+    fake = FakeResolvingReactor({"spegel-b.example": ["fd00::2", "10.0.0.2"]})
+    bootstrapper = StaticBootstrapper(fake, (Address("spegel-b.example", 5001),))
+    assert result_of(bootstrapper.peers()) == [("fd00::2", 5001), ("10.0.0.2", 5001)]
 
 
 def test_static_unresolvable_name_is_logged_and_skipped() -> None:
-    fake = FakeResolvingReactor({"spegel-b.example": "10.0.0.2"})
+    fake = FakeResolvingReactor({"spegel-b.example": ["10.0.0.2"]})
     configured = (
         Address("spegel-a.invalid", 5001),
         Address("spegel-b.example", 5001),
@@ -232,10 +257,10 @@ def test_static_unresolvable_name_is_logged_and_skipped() -> None:
 
 
 def test_static_host_names_are_resolved_on_every_call() -> None:
-    fake = FakeResolvingReactor({"spegel-b.example": "10.0.0.2"})
+    fake = FakeResolvingReactor({"spegel-b.example": ["10.0.0.2"]})
     bootstrapper = StaticBootstrapper(fake, (Address("spegel-b.example", 5001),))
     assert result_of(bootstrapper.peers()) == [("10.0.0.2", 5001)]
-    fake.names["spegel-b.example"] = "10.0.0.9"
+    fake.names["spegel-b.example"] = ["10.0.0.9"]
     assert result_of(bootstrapper.peers()) == [("10.0.0.9", 5001)]
     assert fake.asked == ["spegel-b.example"] * 2
 
@@ -494,3 +519,48 @@ def test_ipv4_node_joins_cleanly_although_dns_also_names_ipv6_peers(
     failures = [e for e in events if e.get("log_level") == LogLevel.critical]
     assert router.ready() and knows(router, seed, v4_seed), "the IPv4 seed answers"
     assert failures == [], "a peer of the other address family is skipped, not a failure"
+
+
+# A dual-stack socket (an empty router-addr host: listeners.py)
+
+
+class DualStackShim(DatagramProtocol):
+    """Stands between the memory network and a protocol as an IPv6 socket with
+    IPV6_V6ONLY off does: it refuses IPv4 destinations (``udp.Port.write`` on an
+    AF_INET6 port) and reports IPv4 senders as ``::ffff:a.b.c.d``, 4-tuple and all."""
+
+    addressFamily = socket.AF_INET6
+
+    def __init__(self, inner: DatagramProtocol) -> None:
+        self.inner = inner
+
+    def startProtocol(self) -> None:
+        self.inner.makeConnection(self)
+
+    def write(self, packet: bytes, addr: tuple[str, int]) -> None:
+        if ":" not in addr[0]:
+            raise InvalidAddressError(addr[0], "IPv6 port write() called with IPv4 address")
+        self.transport.write(packet, (addr[0].removeprefix("::ffff:"), addr[1]))
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        mapped = f"::ffff:{addr[0]}" if ":" not in addr[0] else addr[0]
+        self.inner.datagramReceived(datagram, (mapped, addr[1], 0, 0))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
+def test_a_dual_stack_socket_reaches_ipv4_peers_and_knows_them_as_ipv4() -> None:
+    net = Net()
+    seed, _ = net.node(SEED, [], bootstrap_interval=INTERVAL)
+    protocol = KademliaProtocol(net.clock, random.Random(6).randbytes(32), registry_port=5000)
+    net.network.attach(DualStackShim(protocol), NODE, ROUTER_PORT, bound_host="::")
+    router = KademliaRouter(
+        net.clock, protocol, RecordingBootstrapper(net.clock, [(SEED, ROUTER_PORT)]), ROUTER_PORT
+    )
+    router.startService()
+    run_for(net.clock, 5)
+    router.stopService()
+    assert knows(router, seed, SEED), "the IPv4 seed, written to as ::ffff:10.0.0.2"
+    assert knows(seed, router, NODE)
+    assert protocol.counters["send_errors"] == 0

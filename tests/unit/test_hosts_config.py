@@ -84,6 +84,21 @@ def test_mirrors_are_listed_in_the_order_given():
     assert list(tomllib.loads(text)["host"]) == targets
 
 
+def test_an_ipv6_mirror_is_written_as_containerd_1_6_reads_it():
+    """containerd 1.6 ends a table header at the first "]", quotes or not: it rejects
+    [host."http://[fd00::1]:5000"] and ignores the file (seen with ctr in an IPv6-only
+    network namespace, tests/integration/test_ip_networks.py). No header may hold one."""
+    existing = parse_existing_hosts(EXISTING_DOCKER_HUB)
+    targets = ["http://[fd00::1]:30020", "http://127.0.0.1:5000"]
+    text = render_hosts_toml(DOCKER_HUB, targets, resolve_tags=True, existing_hosts=existing)
+    headers = [line for line in text.splitlines() if line.startswith("[")]
+    assert headers == ["[host]"]
+    hosts = tomllib.loads(text)["host"]
+    assert list(hosts) == [*targets, "https://corp-mirror.example:8443", "https://second.example"]
+    assert hosts["http://[fd00::1]:30020"]["capabilities"] == ["pull", "resolve"]
+    assert hosts["https://corp-mirror.example:8443"] == existing["https://corp-mirror.example:8443"]
+
+
 def test_existing_hosts_follow_ours_and_a_duplicate_of_ours_is_dropped():
     existing = parse_existing_hosts(EXISTING_DOCKER_HUB)
     text = render_hosts_toml(DOCKER_HUB, [MIRROR], resolve_tags=True, existing_hosts=existing)

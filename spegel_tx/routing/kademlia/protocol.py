@@ -27,6 +27,8 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from spegel_tx.listeners import unmapped
+from spegel_tx.routing.addresses import NodeAddresses
 from spegel_tx.routing.kademlia.codec import (
     DecodeError,
     body_room,
@@ -140,6 +142,8 @@ class KademliaProtocol(DatagramProtocol):
         self._total_budget = ByteBudget(clock, limits.answer_rate_total, limits.answer_burst_total)
         self._awaiting_peer: list[Deferred[None]] = []
         self.own_addresses: set[tuple[str, int]] = set()
+        self.addresses = NodeAddresses()
+        """Every address each node answered from: a dual-stack peer has two."""
         self.on_peer_seen: Callable[[tuple[str, int]], None] | None = None
         """Told ``(host, registry port)`` of every node a datagram comes from: it is alive."""
 
@@ -172,7 +176,11 @@ class KademliaProtocol(DatagramProtocol):
             raise RequestUnsendable("the DHT is not listening")
         self.counters["datagrams_out"] += 1
         self.counters["bytes_out"] += len(data)
-        self.transport.write(data, address)
+        host, port = address
+        if getattr(self.transport, "addressFamily", None) == socket.AF_INET6 and ":" not in host:
+            # A dual-stack socket (listeners.py) reaches IPv4 peers at their mapped address.
+            host = f"::ffff:{host}"
+        self.transport.write(data, (host, port))
 
     def request(self, contact: Contact, body: Body, evicts: bool = True) -> Deferred[Message]:
         """Send ``body`` to ``contact``; the Deferred fires with the response message or
@@ -243,7 +251,7 @@ class KademliaProtocol(DatagramProtocol):
             self._drop(e.reason)
             return
         try:
-            self._received(message, (addr[0], addr[1]), len(datagram))
+            self._received(message, (unmapped(addr[0]), addr[1]), len(datagram))
         except Exception:
             self._drop("error")
             _log.failure("handling a datagram from {host}:{port}", host=addr[0], port=addr[1])
@@ -325,6 +333,7 @@ class KademliaProtocol(DatagramProtocol):
                 AnsweredByAnother(f"{address[0]}:{address[1]} answers as another node")
             )
             return False
+        self.addresses.learn(sender.node_id, sender.host)
         self._admit(sender)
         pending.result.callback(message)
         return True

@@ -103,3 +103,49 @@ Spegel's mount path, or nothing (no authentication) without a Secret. */}}
 {{- end -}}
 {{- end }}
 
+{{/* Spegel's values that mean nothing to spegel-tx, at Spegel's defaults. A Spegel values
+file carries over as it is, but a value set away from its default would be dropped
+without a word: the render fails instead, naming each one. (Keys neither chart knows
+are refused by values.schema.json.) */}}
+{{- define "spegel-tx.spegelOnlyDefaults" -}}
+serviceAccount.annotations: {}
+serviceAccount.name: ""
+service.registry.internalTrafficLocal: false
+service.cleanup.port: 8080
+service.cleanup.annotations: {}
+grafanaDashboard.mode: Sidecar
+grafanaDashboard.grafanaOperator.allowCrossNamespaceImport: true
+grafanaDashboard.grafanaOperator.folder: ""
+grafanaDashboard.grafanaOperator.resyncPeriod: 10m
+grafanaDashboard.grafanaOperator.matchLabels: {}
+verticalPodAutoscaler.enabled: false
+verticalPodAutoscaler.recommenders: []
+verticalPodAutoscaler.controlledResources: []
+verticalPodAutoscaler.controlledValues: RequestsAndLimits
+verticalPodAutoscaler.maxAllowed: {}
+verticalPodAutoscaler.minAllowed: {}
+verticalPodAutoscaler.updatePolicy.minReplicas: 2
+verticalPodAutoscaler.updatePolicy.updateMode: Auto
+{{- end }}
+
+{{- define "spegel-tx.unsupported" -}}
+{{- $values := .Values | toJson | fromJson }}
+{{- $unsupported := list }}
+{{- range $path, $default := include "spegel-tx.spegelOnlyDefaults" . | fromYaml }}
+{{- $value := $values }}
+{{- $given := true }}
+{{- range splitList "." $path }}
+{{- if and $given (kindIs "map" $value) (hasKey $value .) }}
+{{- $value = index $value . }}
+{{- else }}
+{{- $given = false }}
+{{- end }}
+{{- end }}
+{{- if and $given (ne (toJson $value) (toJson $default)) }}
+{{- $unsupported = append $unsupported (printf "%s: %s (Spegel's default: %s)" $path (toJson $value) (toJson $default)) }}
+{{- end }}
+{{- end }}
+{{- with $unsupported }}
+{{- fail (printf "spegel-tx does not support these Spegel values (see deploy/helm/spegel-tx/README.md):\n- %s" (join "\n- " .)) }}
+{{- end }}
+{{- end }}
