@@ -21,6 +21,7 @@ from twisted.web.server import Site
 from spegel_tx import __version__
 from spegel_tx.config import Address, Config, environment_name
 from spegel_tx.containerd.store import ContainerdStore
+from spegel_tx.content import FirstWave
 from spegel_tx.debug import DebugPages
 from spegel_tx.debugweb import DebugWeb
 from spegel_tx.interfaces import IBootstrapper
@@ -144,6 +145,7 @@ def mirror_settings(config: Config) -> MirrorSettings:
         idle_timeout=config.mirror_idle_timeout,
         quarantine=config.mirror_peer_quarantine,
         resume_timeout=config.mirror_resume_timeout,
+        follow_downloads=config.first_wave_sharing == FirstWave.IN_FLIGHT.value,
         min_throughput=config.mirror_min_throughput,
     )
 
@@ -165,6 +167,7 @@ def make_service(config: Config, reactor: Any, *, secret: bytes | None, node_id:
         address=config.containerd_sock,
         namespace=config.containerd_namespace,
         content_path=config.containerd_content_path,
+        stall_timeout=config.in_flight_stall_timeout,
     )
     store.setServiceParent(node)
 
@@ -193,8 +196,14 @@ def make_service(config: Config, reactor: Any, *, secret: bytes | None, node_id:
     )
     router.setServiceParent(node)
     metrics.watch_dht(protocol)
+    first_wave = FirstWave(config.first_wave_sharing)
     tracker = StateTracker(
-        reactor, store, router, config.mirrored_registries, config.registry_filters
+        reactor,
+        store,
+        router,
+        config.mirrored_registries,
+        config.registry_filters,
+        first_wave=first_wave,
     )
     tracker.setServiceParent(node)
     metrics.watch_state(tracker)
@@ -215,6 +224,7 @@ def make_service(config: Config, reactor: Any, *, secret: bytes | None, node_id:
         config.registry_filters,
         mirror=mirror,
         readiness=readiness,
+        serve_downloads=first_wave is FirstWave.IN_FLIGHT,
     )
     registry_site = RegistrySite(registry.resource(), metrics, Reclaimer(reactor))
     listener = _listen(node, "registry-addr", config.registry_addr, registry_site, reactor)

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from zope.interface import implementer
 
 from spegel_tx.interfaces import ILookup
 
@@ -249,3 +250,33 @@ class Providers:
         waiter, self._waiter = self._waiter, None
         if waiter is not None:
             waiter.callback(None)
+
+
+@implementer(ILookup)
+class PreferComplete:
+    """The providers of a complete copy first; those of a download in progress once the
+    search for complete copies is over. Both searches run from the start, so the
+    second costs no time when the first finds nobody."""
+
+    def __init__(self, complete: ILookup, downloading: ILookup) -> None:
+        self._complete = complete
+        self._downloading = downloading
+        self._complete_over = False
+
+    def next_provider(self) -> Deferred[Peer | None]:
+        if self._complete_over:
+            return self._downloading.next_provider()
+        return self._complete.next_provider().addCallback(self._found)
+
+    def _found(self, peer: Peer | None) -> Peer | Deferred[Peer | None] | None:
+        if peer is not None:
+            return peer
+        self._complete_over = True
+        return self._downloading.next_provider()
+
+    def cancel(self) -> None:
+        self._complete.cancel()
+        self._downloading.cancel()
+
+    def answering(self) -> bool:
+        return bool(self._complete.answering() or self._downloading.answering())
