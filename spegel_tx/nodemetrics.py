@@ -136,6 +136,8 @@ class NodeMetrics:
             ("completed",),
             registry=into,
         )
+        for completed in ("true", "false"):
+            self.in_flight_responses.labels(completed)
         self.upstream_fallbacks = Counter(
             "spegel_tx_upstream_fallbacks_total",
             "Content requests answered 404, which sends containerd to the real registry.",
