@@ -86,6 +86,11 @@ class IDownloads(Interface):
         """Deferred dict of digest to ``Ingest`` for each download of this namespace
         whose size is known."""
 
+    def blobs() -> Deferred[set[str]]:
+        """Deferred set of the digests whose files are in the content directory now,
+        whichever namespace holds them: what appears there between two looks has
+        just been committed."""
+
     def committed(digests: Iterable[str]) -> Deferred[set[str]]:
         """Deferred set of those ``digests`` this namespace holds as complete blobs."""
 
@@ -93,10 +98,10 @@ class IDownloads(Interface):
         """Deferred ``IBlob`` whose reads wait for bytes still to come; fails with
         ``NotFound`` unless ``digest`` is being downloaded and still growing."""
 
-    def watch_downloads(changed: Callable[[str | None], None]) -> bool:
-        """Call ``changed(digest)`` whenever a download may have started or ended, with
-        the digest of a blob that may just have been committed (else None); False
-        when nothing can tell, and blobs are advertised with their image only."""
+    def watch_downloads(changed: Callable[[], None]) -> bool:
+        """Call ``changed()`` whenever a download may have started or ended, or a blob
+        been committed; False when nothing can tell, and blobs are advertised with
+        their image only."""
 
 
 class IRouter(Interface):

@@ -41,11 +41,12 @@ DOWNLOAD_DEBOUNCE = 0.05
 """Seconds from a download starting or ending to its advertisement: a peer pulling
 the same image a few hundred milliseconds later must find it."""
 
-DOWNLOAD_RESCAN = 1.0
+DOWNLOAD_RESCAN = 0.25
 """While downloads run, they are looked at this often: a stalled one stops being
-offered, and an event the kernel dropped costs at most this."""
+offered, and a download whose files were not all there when it was heard of, or
+one that started before a directory was watched, waits at most this."""
 
-CONFIRM_FOR = 10.0
+CONFIRM_FOR = 2.0
 """Seconds a blob that arrived is asked after while containerd has not yet recorded it
 (its metadata is written just after the file is renamed into place)."""
 
@@ -94,7 +95,10 @@ class StateTracker(Service):
         self.landed: dict[str, float] = {}
         """Digest -> when it was seen committed, for blobs advertised before their image."""
         self._candidates: dict[str, float] = {}
-        """Digest -> when it may have been committed, until containerd confirms it."""
+        """Digest -> when it appeared on disk, until containerd confirms this namespace
+        holds it (or CONFIRM_FOR has passed)."""
+        self._on_disk: set[str] | None = None
+        """The blob files the last look found; None before the first."""
         self.watching_downloads = False
 
     def startService(self) -> None:
@@ -121,9 +125,7 @@ class StateTracker(Service):
         self._images_due = True
         self._resync_within(DEBOUNCE)
 
-    def _download_changed(self, digest: str | None) -> None:
-        if digest is not None:
-            self._candidates.setdefault(digest, self._clock.seconds())
+    def _download_changed(self) -> None:
         self._resync_within(DOWNLOAD_DEBOUNCE)
 
     def _resync_within(self, delay: float) -> None:
@@ -248,9 +250,12 @@ class StateTracker(Service):
         if self._downloads is None:
             return set()
         downloads = await self._downloads.downloads()
+        on_disk = await self._downloads.blobs()
         now = self._clock.seconds()
-        for digest in self.in_flight.keys() - downloads.keys():
-            self._candidates.setdefault(digest, now)  # ended: committed, or abandoned
+        if self._on_disk is not None:
+            for digest in on_disk - self._on_disk:
+                self._candidates.setdefault(digest, now)  # just committed, in some namespace
+        self._on_disk = on_disk
         asked = [*self._candidates, *(self.landed if recheck else ())]
         held = await self._downloads.committed(asked) if asked else set()
         if not recheck:

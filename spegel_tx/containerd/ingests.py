@@ -37,6 +37,7 @@ FOLLOW_INTERVAL = 0.02
 """Seconds between looks at a ``data`` file that has no new bytes yet. containerd
 writes about 1 MiB at a time, so this adds at most 20 ms to each megabyte."""
 
+_HEX = re.compile(r"^[0-9a-f]{64}$")
 _REF_KEY_DIGEST = re.compile(r"^(?:[a-z]+-)?(sha256:[0-9a-f]{64})$")
 
 
@@ -59,8 +60,10 @@ class Ingest:
     """The ingest's directory."""
 
     def live(self, now: float, stall_timeout: float) -> bool:
-        """Still worth following: complete, or grew within ``stall_timeout``."""
-        return self.received >= self.total or now - self.updated < stall_timeout
+        """Grew within ``stall_timeout``. A complete download is committed within
+        milliseconds; one still here after that failed its digest check, or was
+        abandoned on its last byte, and is not offered either."""
+        return now - self.updated < stall_timeout
 
 
 def ingest_digest(ref: str, namespace: str) -> str | None:
@@ -99,6 +102,16 @@ def scan_ingests(content_path: str, namespace: str) -> dict[str, Ingest]:
         if total > 0 and (digest not in found or found[digest].received < ingest.received):
             found[digest] = ingest
     return found
+
+
+def blob_files(content_path: str) -> set[str]:
+    """Blocking: the digests of the files in ``blobs/sha256/`` (about a millisecond for a
+    thousand)."""
+    try:
+        names = os.listdir(os.path.join(content_path, "blobs", "sha256"))
+    except OSError:
+        return set()
+    return {"sha256:" + name for name in names if _HEX.match(name)}
 
 
 def open_data(ingest: Ingest) -> int:

@@ -28,7 +28,13 @@ from zope.interface import implementer
 from spegel_tx.containerd.client import CHECK_CONTAINERD, ContainerdClient, Stream
 from spegel_tx.containerd.contentwatch import ContentWatcher
 from spegel_tx.containerd.events import EventWatcher, RunInThread, start_thread
-from spegel_tx.containerd.ingests import GrowingBlob, Ingest, open_data, scan_ingests
+from spegel_tx.containerd.ingests import (
+    GrowingBlob,
+    Ingest,
+    blob_files,
+    open_data,
+    scan_ingests,
+)
 from spegel_tx.content import Descriptor, Image, ImageEvent
 from spegel_tx.errors import InvalidDigest, NotFound, Unavailable
 from spegel_tx.interfaces import IBlob, IContentStore, IDownloads
@@ -235,7 +241,7 @@ class ContainerdStore(Service):
         self._media_types = MediaTypeCache(media_type_cache_size)
         self.stall_timeout = stall_timeout
         """A download that has not grown for this long is no longer followed or offered."""
-        self._download_listeners: list[Callable[[str | None], None]] = []
+        self._download_listeners: list[Callable[[], None]] = []
         self._content_watcher: ContentWatcher | None = None
         self._given_client = client
         self._given_threadpool = threadpool
@@ -526,6 +532,11 @@ class ContainerdStore(Service):
             return succeed({})
         return self._in_pool(scan_ingests, self.content_path, self.namespace)
 
+    def blobs(self) -> Deferred[set[str]]:
+        if not self.content_path:
+            return succeed(set())
+        return self._in_pool(blob_files, self.content_path)
+
     def committed(self, digests: Iterable[str]) -> Deferred[set[str]]:
         return self._call(self._committed_blocking, list(digests))
 
@@ -559,7 +570,7 @@ class ContainerdStore(Service):
         fd, total = opened
         return GrowingBlob(self._reactor, fd, total, self.stall_timeout)
 
-    def watch_downloads(self, changed: Callable[[str | None], None]) -> bool:
+    def watch_downloads(self, changed: Callable[[], None]) -> bool:
         self._download_listeners.append(changed)
         self._watch_content()
         return self._content_watcher is not None
@@ -574,9 +585,9 @@ class ContainerdStore(Service):
         if watcher.start():
             self._content_watcher = watcher
 
-    def _downloads_changed(self, digest: str | None) -> None:
+    def _downloads_changed(self) -> None:
         for listener in list(self._download_listeners):
-            listener(digest)
+            listener()
 
     def subscribe(self, handler: Callable[[ImageEvent], None]) -> Callable[[], None]:
         self._handlers.append(handler)
