@@ -47,6 +47,7 @@ PEER_EVENTS = (
     "tag_disagreement",
     "followed_download",
     "download_gave_up",
+    "bad_copy_skipped",
 )
 """Mirror counters exported as ``spegel_tx_mirror_peer_events_total{event}``."""
 

@@ -299,9 +299,12 @@ async def _cut(clock: Any, request: Request) -> None:
     was written before the close is reset after CUT_FLUSH_TIME."""
     finished = request.notifyFinish()
     finished.addErrback(lambda _: None)
-    transport = request.channel.transport if request.channel is not None else None
-    if transport is not None:
-        transport.loseConnection()
+    channel = request.channel
+    transport = channel.transport if channel is not None else None
+    if channel is not None:
+        # The channel's own close: it first lets go of the transport, which would
+        # otherwise wait on the channel as its producer and never close.
+        channel.loseConnection()
     if ITCPTransport.providedBy(transport):
         reset = clock.callLater(CUT_FLUSH_TIME, transport.abortConnection)
         finished.addBoth(lambda _: reset.cancel() if reset.active() else None)

@@ -156,6 +156,7 @@ class Mirror:
             self.settings.resolve_timeout,
             self.counters,
             self.metrics.resolved,
+            key,
         )
         budget = self.settings.manifest_budget if manifest or method == "HEAD" else None
         served = False
@@ -274,10 +275,11 @@ class Mirror:
                 self.counters["resumed"] += 1
                 senders.append(peer)
             self.counters["bytes_from_peers"] += relay.received
-            if hasher is not None and f"sha256:{hasher.hexdigest()}" != digest:
+            if hasher is not None and digest and f"sha256:{hasher.hexdigest()}" != digest:
                 self.counters["digest_mismatch"] += 1
                 for sender in senders:
                     self.health.charge(sender, Fault.LIED)
+                    self.health.bad_copy(sender, digest)
                 raise MirrorBodyFailed(f"content from {senders} does not match {digest}")
             if isinstance(hasher, _KeptHash):
                 self.sizes.learn(children(hasher.data()))
