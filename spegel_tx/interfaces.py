@@ -86,7 +86,7 @@ class IDownloads(Interface):
         """Deferred dict of digest to ``Ingest`` for each download of this namespace
         whose size is known."""
 
-    def blobs() -> Deferred[set[str]]:
+    def blob_files() -> Deferred[set[str]]:
         """Deferred set of the digests whose files are in the content directory now,
         whichever namespace holds them: what appears there between two looks has
         just been committed."""

@@ -250,7 +250,7 @@ class StateTracker(Service):
         if self._downloads is None:
             return set()
         downloads = await self._downloads.downloads()
-        on_disk = await self._downloads.blobs()
+        on_disk = await self._downloads.blob_files()
         now = self._clock.seconds()
         if self._on_disk is not None:
             for digest in on_disk - self._on_disk:

@@ -532,7 +532,7 @@ class ContainerdStore(Service):
             return succeed({})
         return self._in_pool(scan_ingests, self.content_path, self.namespace)
 
-    def blobs(self) -> Deferred[set[str]]:
+    def blob_files(self) -> Deferred[set[str]]:
         if not self.content_path:
             return succeed(set())
         return self._in_pool(blob_files, self.content_path)
