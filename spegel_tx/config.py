@@ -24,6 +24,7 @@ from spegel_tx.basicauth import (
     BasicAuth,
     read_basic_auth,
 )
+from spegel_tx.content import FirstWave
 from spegel_tx.errors import ConfigError
 from spegel_tx.routing.kademlia.limits import Limits
 
@@ -234,6 +235,8 @@ class Config:
     mirror_resume_timeout: float = 10.0
     mirror_min_throughput: int = 1024 * 1024
     shutdown_grace_period: float = 20.0
+    first_wave_sharing: str = FirstWave.IN_FLIGHT.value
+    in_flight_stall_timeout: float = 3.0
     data_dir: str = ""
     log_level: str = "INFO"
     debug_web_enabled: bool = False
@@ -272,6 +275,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "mirror-resume-timeout": _parse_duration_value,
     "mirror-min-throughput": _parse_size,
     "shutdown-grace-period": _parse_duration_value,
+    "first-wave-sharing": _parse_choice(tuple(mode.value for mode in FirstWave)),
+    "in-flight-stall-timeout": _parse_duration_value,
     "data-dir": _parse_str,
     "log-level": _parse_choice(_LOG_LEVELS),
     "debug-web-enabled": _parse_bool,
@@ -322,6 +327,11 @@ MEANINGS: dict[str, str] = {
     "mirror-min-throughput": "Bytes a second a peer's body must average while the client "
     "keeps up (512KiB, 1MiB, ...); a slower peer is left for the next.",
     "shutdown-grace-period": "After SIGTERM, how long responses in flight may finish.",
+    "first-wave-sharing": "What peers get of an image still being pulled: in-flight (each "
+    "blob as it downloads), committed (each blob once complete) or off (the image once "
+    "complete).",
+    "in-flight-stall-timeout": "A download that has not grown for this long is no longer "
+    "offered, and a peer following it is cut off to resume elsewhere.",
     "data-dir": "Where the node keeps its DHT identity across restarts; none: a new id each start.",
     "log-level": "DEBUG, INFO, WARN or ERROR.",
     "debug-web-enabled": "Serve the debug web page at /debug/web/ on metrics-addr.",

@@ -38,3 +38,23 @@ class ImageEvent:
 
     kind: ImageEventKind
     name: str
+
+
+class FirstWave(enum.Enum):
+    """What a node shares of an image it is still pulling (``first-wave-sharing``)."""
+
+    IN_FLIGHT = "in-flight"
+    """Each blob from the moment its download starts, and again once committed."""
+    COMMITTED = "committed"
+    """Each blob once containerd has committed it."""
+    OFF = "off"
+    """Nothing until the image is complete, as Spegel does."""
+
+
+IN_FLIGHT_PREFIX = "in-flight:"
+
+
+def in_flight_key(digest: str) -> str:
+    """The DHT key of a blob still being downloaded: apart from the digest's own key,
+    so that a complete copy is found, and preferred, on its own."""
+    return IN_FLIGHT_PREFIX + digest

@@ -154,6 +154,16 @@ class DebugWeb:
                 else None
             ),
             "recent_mirrored": mirrored_rows(self._metrics.recent_mirrored, now),
+            "first_wave": {
+                "mode": self._tracker.first_wave.value,
+                "watching": self._tracker.watching_downloads,
+                "downloads": [
+                    {"digest": digest, "received": ingest.received, "total": ingest.total}
+                    for digest, ingest in sorted(self._tracker.in_flight.items())
+                ],
+                "committed": sorted(self._tracker.landed),
+            },
+            "recent_in_flight": mirrored_rows(self._metrics.recent_in_flight, now),
         }
 
     @app.route("/api/measure", methods=["GET", "POST"])

@@ -7,6 +7,7 @@ so the registry can be tested on memory implementations and run on real ones.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
@@ -73,6 +74,34 @@ class IContentStore(Interface):
     def subscribe(handler: Callable[[ImageEvent], None]) -> Callable[[], None]:
         """Call ``handler(content.ImageEvent)`` in the reactor thread for each
         image change; returns a no-argument callable that unsubscribes."""
+
+
+class IDownloads(Interface):
+    """What the node's containerd is downloading now: lets a first wave of pulls share
+    a new image while its blobs are still arriving (see containerd/ingests.py)."""
+
+    stall_timeout = Attribute("Seconds without growth after which a download is not offered.")
+
+    def downloads() -> Deferred[dict[str, Any]]:
+        """Deferred dict of digest to ``Ingest`` for each download of this namespace
+        whose size is known."""
+
+    def blob_files() -> Deferred[set[str]]:
+        """Deferred set of the digests whose files are in the content directory now,
+        whichever namespace holds them: what appears there between two looks has
+        just been committed."""
+
+    def committed(digests: Iterable[str]) -> Deferred[set[str]]:
+        """Deferred set of those ``digests`` this namespace holds as complete blobs."""
+
+    def open_download(digest: str) -> Deferred[IBlob]:
+        """Deferred ``IBlob`` whose reads wait for bytes still to come; fails with
+        ``NotFound`` unless ``digest`` is being downloaded and still growing."""
+
+    def watch_downloads(changed: Callable[[], None]) -> bool:
+        """Call ``changed()`` whenever a download may have started or ended, or a blob
+        been committed; False when nothing can tell, and blobs are advertised with
+        their image only."""
 
 
 class IRouter(Interface):

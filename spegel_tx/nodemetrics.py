@@ -45,6 +45,9 @@ PEER_EVENTS = (
     "peer_not_found",
     "quarantined_tried",
     "tag_disagreement",
+    "followed_download",
+    "download_gave_up",
+    "bad_copy_skipped",
 )
 """Mirror counters exported as ``spegel_tx_mirror_peer_events_total{event}``."""
 
@@ -74,6 +77,8 @@ class NodeMetrics:
         self.last_mirror_success = 0.0
         """Unix time of the last request a peer served; 0 before the first."""
         self.recent_mirrored: deque[MirroredRequest] = deque(maxlen=RECENT_MIRRORED)
+        self.recent_in_flight: deque[MirroredRequest] = deque(maxlen=RECENT_MIRRORED)
+        """Blobs this node sent to peers while still downloading them; ``peer`` asked."""
         into = self.registry
         ProcessCollector(registry=into)
         PlatformCollector(registry=into)
@@ -120,10 +125,20 @@ class NodeMetrics:
         self.served_bytes = Counter(
             "spegel_tx_served_bytes_total",
             "Body bytes served to clients: source=local from this node's containerd, "
-            "peer relayed from another node.",
+            "in_flight from a download containerd has in progress, peer relayed from "
+            "another node.",
             ("source",),
             registry=into,
         )
+        self.in_flight_responses = Counter(
+            "spegel_tx_in_flight_responses_total",
+            "Blobs sent to peers while this node's containerd was still downloading them; "
+            "completed=false when the download stopped and the peer resumed elsewhere.",
+            ("completed",),
+            registry=into,
+        )
+        for completed in ("true", "false"):
+            self.in_flight_responses.labels(completed)
         self.upstream_fallbacks = Counter(
             "spegel_tx_upstream_fallbacks_total",
             "Content requests answered 404, which sends containerd to the real registry.",
@@ -153,22 +168,25 @@ class NodeMetrics:
         self.http_inflight.labels(handler).dec()
         self.http_duration.labels(handler, method, str(code)).observe(seconds)
         self.http_size.labels(handler, method, str(code)).observe(sent)
+        row = MirroredRequest(
+            at=self._clock.seconds(),
+            method=method,
+            path=path.decode("utf-8", "replace"),
+            status=code,
+            peer=peer,
+            bytes=sent,
+            seconds=seconds,
+            completed=completed,
+        )
         if served_by == "local":
             self.served_bytes.labels("local").inc(sent)
+        elif served_by == "in-flight":
+            self.served_bytes.labels("in_flight").inc(sent)
+            self.in_flight_responses.labels("true" if completed else "false").inc()
+            self.recent_in_flight.append(row)
         elif served_by == "mirror":
             self.served_bytes.labels("peer").inc(sent)
-            self.recent_mirrored.append(
-                MirroredRequest(
-                    at=self._clock.seconds(),
-                    method=method,
-                    path=path.decode("utf-8", "replace"),
-                    status=code,
-                    peer=peer,
-                    bytes=sent,
-                    seconds=seconds,
-                    completed=completed,
-                )
-            )
+            self.recent_mirrored.append(row)
         if code == 404 and handler == "/v2/*":
             self.upstream_fallbacks.labels(self.registry_label(registry)).inc()
 
@@ -265,6 +283,14 @@ class NodeMetrics:
 
     def watch_state(self, tracker: Any) -> None:
         """``tracker`` is the node's StateTracker."""
+        self._read(
+            GaugeMetricFamily,
+            "spegel_tx_first_wave_advertised",
+            "Blobs advertised before their image: state=in_flight while containerd "
+            "downloads them, committed once it has them.",
+            ("state",),
+            lambda: {(state,): float(n) for state, n in tracker.first_wave_counts().items()},
+        )
 
         def counts(index: int) -> dict[Labels, float]:
             return self.registry_label.merge(

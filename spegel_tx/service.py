@@ -20,6 +20,7 @@ from spegel_tx import __version__
 from spegel_tx.basicauth import AuthorizedClient, BasicAuth
 from spegel_tx.config import Address, Config, environment_name
 from spegel_tx.containerd.store import ContainerdStore
+from spegel_tx.content import FirstWave
 from spegel_tx.debug import DebugPages
 from spegel_tx.debugweb import DebugWeb
 from spegel_tx.interfaces import IBootstrapper
@@ -145,6 +146,7 @@ def mirror_settings(config: Config) -> MirrorSettings:
         idle_timeout=config.mirror_idle_timeout,
         quarantine=config.mirror_peer_quarantine,
         resume_timeout=config.mirror_resume_timeout,
+        follow_downloads=config.first_wave_sharing == FirstWave.IN_FLIGHT.value,
         min_throughput=config.mirror_min_throughput,
     )
 
@@ -180,6 +182,7 @@ def make_service(
         address=config.containerd_sock,
         namespace=config.containerd_namespace,
         content_path=config.containerd_content_path,
+        stall_timeout=config.in_flight_stall_timeout,
     )
     store.setServiceParent(node)
 
@@ -206,8 +209,14 @@ def make_service(
     )
     router.setServiceParent(node)
     metrics.watch_dht(protocol)
+    first_wave = FirstWave(config.first_wave_sharing)
     tracker = StateTracker(
-        reactor, store, router, config.mirrored_registries, config.registry_filters
+        reactor,
+        store,
+        router,
+        config.mirrored_registries,
+        config.registry_filters,
+        first_wave=first_wave,
     )
     tracker.setServiceParent(node)
     metrics.watch_state(tracker)
@@ -229,6 +238,7 @@ def make_service(
         mirror=mirror,
         readiness=readiness,
         auth=auth,
+        serve_downloads=first_wave is FirstWave.IN_FLIGHT,
     )
     registry_site = RegistrySite(registry.resource(), metrics, Reclaimer(reactor))
     listener = _listen(node, "registry-addr", config.registry_addr, registry_site, reactor)

@@ -11,8 +11,9 @@ False and a probe retries with backoff until containerd answers again.
 from __future__ import annotations
 
 import os
+import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from twisted.application.service import Service
@@ -25,10 +26,18 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from spegel_tx.containerd.client import CHECK_CONTAINERD, ContainerdClient, Stream
+from spegel_tx.containerd.contentwatch import ContentWatcher
 from spegel_tx.containerd.events import EventWatcher, RunInThread, start_thread
+from spegel_tx.containerd.ingests import (
+    GrowingBlob,
+    Ingest,
+    blob_files,
+    open_data,
+    scan_ingests,
+)
 from spegel_tx.content import Descriptor, Image, ImageEvent
 from spegel_tx.errors import InvalidDigest, NotFound, Unavailable
-from spegel_tx.interfaces import IBlob, IContentStore
+from spegel_tx.interfaces import IBlob, IContentStore, IDownloads
 from spegel_tx.oci.digest import parse_digest
 from spegel_tx.oci.manifest import (
     MANIFEST_MEDIA_TYPES,
@@ -195,7 +204,7 @@ class StreamBlob:
             self._stream = None
 
 
-@implementer(IContentStore)
+@implementer(IContentStore, IDownloads)
 class ContainerdStore(Service):
     """The images and content of one containerd namespace.
 
@@ -216,6 +225,7 @@ class ContainerdStore(Service):
         min_retry_delay: float = 0.5,
         max_retry_delay: float = 30.0,
         media_type_cache_size: int = 4096,
+        stall_timeout: float = 3.0,
         client: ContainerdClient | None = None,
         threadpool: ThreadPool | None = None,
         run_in_thread: RunInThread = start_thread,
@@ -229,6 +239,10 @@ class ContainerdStore(Service):
         self._max_retry_delay = max_retry_delay
         self._retry_delay = min_retry_delay
         self._media_types = MediaTypeCache(media_type_cache_size)
+        self.stall_timeout = stall_timeout
+        """A download that has not grown for this long is no longer followed or offered."""
+        self._download_listeners: list[Callable[[], None]] = []
+        self._content_watcher: ContentWatcher | None = None
         self._given_client = client
         self._given_threadpool = threadpool
         self._run_in_thread = run_in_thread
@@ -274,6 +288,9 @@ class ContainerdStore(Service):
         if self._watcher is not None:
             self._watcher.stop()
             self._watcher = None
+        if self._content_watcher is not None:
+            self._content_watcher.stop()
+            self._content_watcher = None
         if self._client is not None:
             # Cancels calls still in flight, so the pool's threads can finish.
             self._client.close()
@@ -317,6 +334,7 @@ class ContainerdStore(Service):
             return
         self._ready = True
         self._down_logged = False
+        self._watch_content()
         log.info(
             "containerd {version} answering at {address} (namespace {namespace}, content {path})",
             version=version,
@@ -506,6 +524,70 @@ class ContainerdStore(Service):
                 if data is not None:
                     pending.extend((child.digest, child.media_type) for child in children(data))
         return found
+
+    # IDownloads
+
+    def downloads(self) -> Deferred[dict[str, Ingest]]:
+        if not self.content_path:
+            return succeed({})
+        return self._in_pool(scan_ingests, self.content_path, self.namespace)
+
+    def blob_files(self) -> Deferred[set[str]]:
+        if not self.content_path:
+            return succeed(set())
+        return self._in_pool(blob_files, self.content_path)
+
+    def committed(self, digests: Iterable[str]) -> Deferred[set[str]]:
+        return self._call(self._committed_blocking, list(digests))
+
+    def _committed_blocking(self, digests: list[str]) -> set[str]:
+        """Asked of containerd, not of the directory: blobs are shared by namespaces."""
+        client = self._require_client()
+        held = set()
+        for digest in digests:
+            try:
+                client.content_info(digest)
+            except NotFound:
+                continue
+            held.add(digest)
+        return held
+
+    def open_download(self, digest: str) -> Deferred[IBlob]:
+        if not self.content_path:
+            return fail(NotFound(f"{digest} is not being downloaded here"))
+        return self._in_pool(self._open_download_blocking, digest).addCallback(self._followed)
+
+    def _open_download_blocking(self, digest: str) -> tuple[int, int]:
+        ingest = scan_ingests(self.content_path, self.namespace).get(digest)
+        if ingest is None or not ingest.live(time.time(), self.stall_timeout):
+            raise NotFound(f"{digest} is not being downloaded here")
+        try:
+            return open_data(ingest), ingest.total
+        except OSError as e:
+            raise NotFound(f"{digest} stopped being downloaded here: {e}") from e
+
+    def _followed(self, opened: tuple[int, int]) -> IBlob:
+        fd, total = opened
+        return GrowingBlob(self._reactor, fd, total, self.stall_timeout)
+
+    def watch_downloads(self, changed: Callable[[], None]) -> bool:
+        self._download_listeners.append(changed)
+        self._watch_content()
+        return self._content_watcher is not None
+
+    def _watch_content(self) -> None:
+        """Start inotify once containerd's content directory is known and seen."""
+        if self._content_watcher is not None or not self._download_listeners:
+            return
+        if not self.content_path or not self.running:
+            return
+        watcher = ContentWatcher(self._reactor, self.content_path, self._downloads_changed)
+        if watcher.start():
+            self._content_watcher = watcher
+
+    def _downloads_changed(self) -> None:
+        for listener in list(self._download_listeners):
+            listener()
 
     def subscribe(self, handler: Callable[[ImageEvent], None]) -> Callable[[], None]:
         self._handlers.append(handler)

@@ -33,7 +33,7 @@ from spegel_tx.errors import (
     Unauthorized,
     Unavailable,
 )
-from spegel_tx.interfaces import IBlob, IContentStore
+from spegel_tx.interfaces import IBlob, IContentStore, IDownloads
 from spegel_tx.oci.digest import parse_digest
 from spegel_tx.oci.errors import ErrorCode, error_body
 from spegel_tx.oci.filters import Filters
@@ -42,12 +42,13 @@ from spegel_tx.oci.ranges import RangeNotSatisfiable, parse_range
 from spegel_tx.oci.reference import Reference, parse_reference, parse_repository
 from spegel_tx.readiness import Readiness
 from spegel_tx.registry.access import requested_registry, set_handler
-from spegel_tx.registry.mirror import MIRRORED_HEADER, Mirror, MirrorBodyFailed
+from spegel_tx.registry.mirror import IN_FLIGHT_HEADER, MIRRORED_HEADER, Mirror, MirrorBodyFailed
 from spegel_tx.registry.streaming import send_blob
 
 _log = Logger()
 
 _READ_METHODS = b"GET, HEAD"
+OCTET_STREAM = "application/octet-stream"
 
 
 class Registry:
@@ -64,16 +65,18 @@ class Registry:
         mirror: Mirror | None = None,
         readiness: Readiness | None = None,
         auth: BasicAuth | None = None,
+        serve_downloads: bool = False,
     ) -> None:
         """``readiness`` is the node's; by default, the store's and the mirror's. With
         ``auth``, every ``/v2/`` request must carry its credentials; the health checks
-        need none."""
+        need none. ``serve_downloads``: peers get blobs the store is still downloading."""
         self._reactor = reactor
         self._store = store
         self._mirror = mirror
         self._readiness = readiness or Readiness(store, mirror)
         self._filters = Filters.of(mirrored_registries, registry_filters)
         self._auth = auth
+        self._downloads = IDownloads(store, None) if serve_downloads else None
 
     def resource(self) -> Resource:
         return _Utf8Only(self.app.resource())
@@ -139,30 +142,50 @@ class Registry:
         try:
             descriptor = await self._store.descriptor(digest)
         except (NotFound, Unavailable):
-            if not self._forwards(request):
+            if self._forwards(request):
+                await self._forward(request, digest, digest, manifest=False)
+            elif self._downloads is not None:
+                await self._send_download(request, digest, registry)
+            else:
                 raise
-            await self._forward(request, digest, digest, manifest=False)
             return
         set_handler(request, "local")
-        _set_content_headers(request, descriptor, registry)
-        request.setHeader(b"accept-ranges", b"bytes")
-        byte_range = parse_range(_header(request, b"range"), descriptor.size)
-        offset, length = 0, descriptor.size
-        if byte_range is not None:
-            offset, length = byte_range.first, byte_range.length
-            request.setResponseCode(206)
-            request.setHeader(b"content-range", byte_range.content_range(descriptor.size))
-        request.setHeader(b"content-length", b"%d" % length)
+        offset, length = _blob_headers(request, descriptor, registry)
         if request.method == b"HEAD":
             return
         blob = await self._store.open(digest)
+        await self._send(request, digest, blob, offset, length)
+
+    async def _send_download(self, request: Request, digest: str, registry: str | None) -> None:
+        """A peer asks for a blob this node's containerd is still downloading: it gets the
+        bytes as they arrive, and a cut connection if the download stops (it then
+        resumes elsewhere). Only peers: our own containerd is the one downloading."""
+        assert self._downloads is not None
+        blob = await self._downloads.open_download(digest)
+        client = request.getClientAddress()
+        set_handler(request, "in-flight", getattr(client, "host", "-"))
+        request.setHeader(IN_FLIGHT_HEADER, b"true")
+        try:
+            descriptor = Descriptor(digest, OCTET_STREAM, blob.size)
+            offset, length = _blob_headers(request, descriptor, registry)
+        except BaseException:
+            blob.close()
+            raise
+        if request.method == b"HEAD":
+            blob.close()
+            return
+        await self._send(request, digest, blob, offset, length)
+
+    async def _send(
+        self, request: Request, digest: str, blob: IBlob, offset: int, length: int
+    ) -> None:
         try:
             await send_blob(self._reactor, request, blob, offset, length)
         except CancelledError:
             raise
         except Exception as e:
             _log.info("body of {digest} aborted: {error}", digest=digest, error=str(e))
-            await _abort(request)
+            await _cut(self._reactor, request)
         finally:
             blob.close()
 
@@ -193,7 +216,7 @@ class Registry:
             await self._mirror.forward(request, key, digest, manifest)
         except MirrorBodyFailed as e:
             _log.info("forwarded body of {key} aborted: {error}", key=key, error=str(e))
-            await _abort(request)
+            await _cut(self._reactor, request)
 
     async def _resolve_tag(self, ref: Reference) -> str:
         try:
@@ -286,22 +309,50 @@ class _Utf8Only(Resource):
         return self._routes.render(request)
 
 
-async def _abort(request: Request) -> None:
-    """Once headers are sent, the only honest error left is a cut connection;
-    wait until Twisted has seen it, so nobody finishes the request after."""
+CUT_FLUSH_TIME = 10.0
+"""Seconds a cut connection may take to deliver the bytes written before it is reset."""
+
+
+async def _cut(clock: Any, request: Request) -> None:
+    """Once headers are sent, the only honest error left is a connection closed before
+    ``Content-Length``; wait until Twisted has seen it, so nobody finishes the request
+    after. It is closed, not reset: containerd (1.6 and later) reads an early end as
+    ``unexpected EOF`` and asks again from the byte it has, this mirror first and then
+    the registry, where a reset would fail the pull. A client that does not read what
+    was written before the close is reset after CUT_FLUSH_TIME."""
     finished = request.notifyFinish()
     finished.addErrback(lambda _: None)
-    transport = request.channel.transport if request.channel is not None else None
+    channel = request.channel
+    transport = channel.transport if channel is not None else None
+    if channel is not None:
+        # The channel's own close: it first lets go of the transport, which would
+        # otherwise wait on the channel as its producer and never close.
+        channel.loseConnection()
     if ITCPTransport.providedBy(transport):
-        transport.abortConnection()
-    elif transport is not None:
-        transport.loseConnection()
+        reset = clock.callLater(CUT_FLUSH_TIME, transport.abortConnection)
+        finished.addBoth(lambda _: reset.cancel() if reset.active() else None)
     await finished
 
 
 def _header(request: Request, name: bytes) -> str | None:
     value = request.getHeader(name)
     return value.decode("latin-1") if value is not None else None
+
+
+def _blob_headers(
+    request: Request, descriptor: Descriptor, registry: str | None
+) -> tuple[int, int]:
+    """Set a blob answer's status and headers; the offset and length of its body."""
+    _set_content_headers(request, descriptor, registry)
+    request.setHeader(b"accept-ranges", b"bytes")
+    byte_range = parse_range(_header(request, b"range"), descriptor.size)
+    offset, length = 0, descriptor.size
+    if byte_range is not None:
+        offset, length = byte_range.first, byte_range.length
+        request.setResponseCode(206)
+        request.setHeader(b"content-range", byte_range.content_range(descriptor.size))
+    request.setHeader(b"content-length", b"%d" % length)
+    return offset, length
 
 
 def _set_content_headers(request: Request, descriptor: Descriptor, registry: str | None) -> None:

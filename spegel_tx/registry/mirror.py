@@ -26,7 +26,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.server import Request
 
 from spegel_tx.config import Address
-from spegel_tx.content import Descriptor
+from spegel_tx.content import Descriptor, in_flight_key
 from spegel_tx.errors import NotFound
 from spegel_tx.interfaces import IRouter
 from spegel_tx.logs import error_text
@@ -34,13 +34,16 @@ from spegel_tx.nodemetrics import NodeMetrics
 from spegel_tx.oci.manifest import MAX_MANIFEST_SIZE, children
 from spegel_tx.oci.ranges import content_range
 from spegel_tx.registry.access import requested_registry, set_handler
-from spegel_tx.registry.peers import Fault, Peer, PeerHealth, Providers
+from spegel_tx.registry.peers import Fault, Peer, PeerHealth, PreferComplete, Providers
 from spegel_tx.registry.streaming import PeerBodyBroken, PeerBodyRelay, PeerTooSlow
 
 _log = Logger()
 
 MIRRORED_HEADER = b"x-spegel-mirrored"
 """Set on every forwarded request; a peer never forwards such a request again."""
+
+IN_FLIGHT_HEADER = b"x-spegel-in-flight"
+"""Set by a peer on a blob it is still downloading: its bytes come as they arrive."""
 
 _COPIED_HEADERS = (
     b"content-type",
@@ -74,6 +77,8 @@ class MirrorSettings:
     min_throughput: float = 1024 * 1024
     """Bytes a second a peer must average while the client keeps up; a slower one is
     left for the next provider."""
+    follow_downloads: bool = True
+    """Blobs are also asked of peers still downloading them, when no peer holds them."""
 
 
 RESUME_PAUSE = 0.1
@@ -141,6 +146,8 @@ class Mirror:
                 headers[name] = [value]
         wanted = self.settings.resolve_retries + len(self.health.quarantined_peers())
         lookup = self._router.lookup(key, wanted)
+        if self.settings.follow_downloads and not manifest and key == digest:
+            lookup = PreferComplete(lookup, self._router.lookup(in_flight_key(key), wanted))
         providers = Providers(
             self._clock,
             lookup,
@@ -149,6 +156,7 @@ class Mirror:
             self.settings.resolve_timeout,
             self.counters,
             self.metrics.resolved,
+            key,
         )
         budget = self.settings.manifest_budget if manifest or method == "HEAD" else None
         served = False
@@ -170,6 +178,8 @@ class Mirror:
                 self.counters["tag_disagreement"] += 1
                 raise NotFound(f"providers disagree on what {key} names; ask its registry")
             self.counters["forwarded"] += 1
+            if _header(response, IN_FLIGHT_HEADER) == "true":
+                self.counters["followed_download"] += 1
             set_handler(request, "mirror", f"{peer[0]}:{peer[1]}")
             request.setResponseCode(response.code)
             for name in _COPIED_HEADERS:
@@ -253,6 +263,8 @@ class Mirror:
                     await relay.pipe(response, end - first - relay.received)
                     break
                 except PeerBodyBroken as e:
+                    if _header(response, IN_FLIGHT_HEADER) == "true":
+                        self.counters["download_gave_up"] += 1
                     self._failed(peer, Failure(e))
                 at = first + relay.received
                 if not resumable:
@@ -267,10 +279,11 @@ class Mirror:
                 self.counters["resumed"] += 1
                 senders.append(peer)
             self.counters["bytes_from_peers"] += relay.received
-            if hasher is not None and f"sha256:{hasher.hexdigest()}" != digest:
+            if hasher is not None and digest and f"sha256:{hasher.hexdigest()}" != digest:
                 self.counters["digest_mismatch"] += 1
                 for sender in senders:
                     self.health.charge(sender, Fault.LIED)
+                    self.health.bad_copy(sender, digest)
                 raise MirrorBodyFailed(f"content from {senders} does not match {digest}")
             if isinstance(hasher, _KeptHash):
                 self.sizes.learn(children(hasher.data()))
@@ -292,14 +305,21 @@ class Mirror:
     ) -> tuple[Peer, Any] | None:
         """A provider's answer from byte ``at`` on, asking every known provider again after
         a growing pause (one that refused may be back from a restart) until
-        ``resume_timeout`` has passed: the client sees a pause, not an error."""
+        ``resume_timeout`` has passed: the client sees a pause, not an error. When every
+        provider asked answered, none of them unreachable, waiting cannot help: the
+        client is let go at once, to ask its next mirror or the registry."""
         deadline = self._clock.seconds() + self.settings.resume_timeout
         pause = RESUME_PAUSE
         while True:
-            found = await self._first_response(providers, "GET", uri, headers, None, expected)
+            charged: list[Fault | None] = []
+            found = await self._first_response(
+                providers, "GET", uri, headers, None, expected, charged
+            )
             left = deadline - self._clock.seconds()
             if found is not None or left <= 0:
                 return found
+            if charged and Fault.UNREACHABLE not in charged:
+                return None
             await deferLater(self._clock, min(pause, left))
             pause = min(2 * pause, MAX_RESUME_PAUSE)
             providers.again()
@@ -312,8 +332,10 @@ class Mirror:
         headers: dict[bytes, list[bytes]],
         budget: float | None,
         expected: _Expected,
+        charged: list[Fault | None] | None = None,
     ) -> tuple[Peer, Any] | None:
-        """The first provider to answer with content; slow ones are raced by the next."""
+        """The first provider to answer with content; slow ones are raced by the next.
+        ``charged`` gathers what each provider that failed was charged with."""
         events: DeferredQueue[Any] = DeferredQueue()
         live: dict[Peer, Deferred[Any]] = {}
         deadline = self._clock.callLater(budget, events.put, _DEADLINE) if budget else None
@@ -345,7 +367,9 @@ class Mirror:
                 live.pop(peer, None)
                 if response is not None:
                     return peer, response
-                self._failed(peer, failure)
+                fault = self._failed(peer, failure)
+                if charged is not None:
+                    charged.append(fault)
         finally:
             if deadline is not None and deadline.active():
                 deadline.cancel()
@@ -395,7 +419,7 @@ class Mirror:
         )
         return attempt
 
-    def _failed(self, peer: Peer, failure: Failure) -> None:
+    def _failed(self, peer: Peer, failure: Failure) -> Fault | None:
         """Charge ``peer`` with what the failure says about it, and nothing more."""
         reason = failure.value
         if isinstance(reason, _PeerAnswered):
@@ -412,6 +436,7 @@ class Mirror:
         _log.info(
             "peer {peer} failed: {reason}", peer=f"{peer[0]}:{peer[1]}", reason=error_text(reason)
         )
+        return fault
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,12 @@ Evidence comes in kinds:
 from __future__ import annotations
 
 import enum
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from zope.interface import implementer
 
 from spegel_tx.interfaces import ILookup
 
@@ -41,6 +42,9 @@ DEFAULT_HEDGE_DELAY = 0.1
 
 MIN_HEDGE_DELAY = 0.01
 MAX_HEDGE_DELAY = 1.0
+
+MAX_BAD_COPIES = 10_000
+"""Bad copies remembered, each a peer and a digest (the oldest forgotten first)."""
 
 MAX_RESOLVE_WAIT = 1.0
 """However slow the DHT is now, a lookup idle this long is over."""
@@ -64,6 +68,25 @@ class PeerHealth:
         self._distrusted: dict[Peer, float] = {}
         self._latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self._resolve_times: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self._bad_copies: OrderedDict[tuple[Peer, str], float] = OrderedDict()
+
+    def bad_copy(self, peer: Peer, digest: str) -> None:
+        """``peer`` sent content that does not hash to ``digest``: its copy is bad (a
+        corrupt disk, or a lie), and it is not asked for that digest again until the
+        digest quarantine ends, even when no other peer holds it."""
+        self._bad_copies[(peer, digest)] = self._clock.seconds() + self.distrust_seconds
+        self._bad_copies.move_to_end((peer, digest))
+        while len(self._bad_copies) > MAX_BAD_COPIES:
+            self._bad_copies.popitem(last=False)
+
+    def has_bad_copy(self, peer: Peer, digest: str) -> bool:
+        until = self._bad_copies.get((peer, digest))
+        if until is None:
+            return False
+        if until <= self._clock.seconds():
+            del self._bad_copies[(peer, digest)]
+            return False
+        return True
 
     def charge(self, peer: Peer, fault: Fault) -> None:
         book, seconds = self._book(fault)
@@ -147,8 +170,11 @@ class Providers:
         resolve_timeout: float,
         counters: dict[str, int],
         resolved: Callable[[float], None],
+        key: str = "",
     ) -> None:
+        """``key``: providers with a bad copy of it are left out."""
         self._clock = clock
+        self._key = key
         self._lookup = lookup
         self._health = health
         self._retries = retries
@@ -237,6 +263,8 @@ class Providers:
         self._asking = False
         if peer is None:
             self._exhausted = True
+        elif self._health.has_bad_copy(peer, self._key):
+            self._counters["bad_copy_skipped"] += 1
         elif peer not in self._found:
             seconds = self._clock.seconds() - self._started
             self._health.resolved(seconds)
@@ -249,3 +277,33 @@ class Providers:
         waiter, self._waiter = self._waiter, None
         if waiter is not None:
             waiter.callback(None)
+
+
+@implementer(ILookup)
+class PreferComplete:
+    """The providers of a complete copy first; those of a download in progress once the
+    search for complete copies is over. Both searches run from the start, so the
+    second costs no time when the first finds nobody."""
+
+    def __init__(self, complete: ILookup, downloading: ILookup) -> None:
+        self._complete = complete
+        self._downloading = downloading
+        self._complete_over = False
+
+    def next_provider(self) -> Deferred[Peer | None]:
+        if self._complete_over:
+            return self._downloading.next_provider()
+        return self._complete.next_provider().addCallback(self._found)
+
+    def _found(self, peer: Peer | None) -> Peer | Deferred[Peer | None] | None:
+        if peer is not None:
+            return peer
+        self._complete_over = True
+        return self._downloading.next_provider()
+
+    def cancel(self) -> None:
+        self._complete.cancel()
+        self._downloading.cancel()
+
+    def answering(self) -> bool:
+        return bool(self._complete.answering() or self._downloading.answering())

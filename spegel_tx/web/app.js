@@ -127,6 +127,26 @@ function showNode(node) {
     [speed(r.mb_per_s), "num"],
     [r.completed ? "yes" : "no"],
   ]);
+
+  const wave = node.first_wave;
+  document.getElementById("first-wave").textContent =
+    `(${wave.mode}${wave.watching ? "" : ", not watching containerd's content directory"}; ` +
+    `${wave.committed.length} blobs committed before their image)`;
+  fill("downloads", wave.downloads, (d) => [
+    [d.digest, "hash"],
+    [d.received, "size"],
+    [d.total, "size"],
+  ]);
+  fill("in-flight", node.recent_in_flight, (r) => [
+    [when(r.at, r.ago_s)],
+    [r.what, r.what.startsWith("sha256:") ? "hash" : "text"],
+    [r.peer, "addr"],
+    [r.status, "num"],
+    [r.bytes, "size"],
+    [fixed(r.seconds, 3), "num"],
+    [speed(r.mb_per_s), "num"],
+    [r.completed ? "yes" : "no"],
+  ]);
 }
 
 async function refresh() {

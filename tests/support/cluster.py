@@ -45,6 +45,7 @@ from tests.support.processes import (
 )
 from tests.support.prometheus import Scrape, scrape
 from tests.support.registry import DockerRegistry
+from tests.support.throttle import Throttle
 
 MiB = 1 << 20
 
@@ -342,10 +343,26 @@ class MirrorCluster:
     for pulls of an image no node holds yet.
     """
 
-    def __init__(self, base: Path) -> None:
+    def __init__(
+        self,
+        base: Path,
+        node_names: tuple[str, ...] = NODE_NAMES,
+        upstream_rate: float | None = None,
+        node_keys: dict[str, Any] | None = None,
+    ) -> None:
+        """``upstream_rate``: the nodes reach the upstream through a ``Throttle`` sending
+        that many bytes a second to all of them together, as over one uplink; the
+        images are named after it. ``node_keys`` are added to each node's config."""
         self.base = base
         self.upstream = DockerRegistry(base / "upstream", log_level="info")
+        self.throttle: Throttle | None = None
         self.upstream_url = self.upstream.url
+        if upstream_rate is not None:
+            self.throttle = Throttle(
+                base / "throttle", loopback_host(), self.upstream.address, upstream_rate
+            )
+            self.upstream_url = f"http://{self.throttle.address}"
+        self.node_keys = node_keys or {}
         images = base / "images"
         self.big = build_image(
             images / "big", self._name("library/big:v1"), layer_sizes=BIG_LAYERS, seed=1
@@ -354,10 +371,15 @@ class MirrorCluster:
             images / "other", self._name("library/other:v1"), (MiB, 2 * MiB), seed=2
         )
         self.small = build_image(images / "small", self._name("library/small:v1"), (MiB,), seed=3)
-        self.nodes = {name: SpegelNode(name, loopback_host(), base / name) for name in NODE_NAMES}
+        self.nodes = {name: SpegelNode(name, loopback_host(), base / name) for name in node_names}
+
+    @property
+    def registry_address(self) -> str:
+        """The upstream as the nodes reach it: ``host:port`` in image names and ``ns``."""
+        return self.upstream_url.removeprefix("http://")
 
     def _name(self, repository_and_tag: str) -> str:
-        return f"{self.upstream.address}/{repository_and_tag}"
+        return f"{self.registry_address}/{repository_and_tag}"
 
     @property
     def a(self) -> SpegelNode:
@@ -373,6 +395,8 @@ class MirrorCluster:
 
     def start(self) -> None:
         self.upstream.start()
+        if self.throttle is not None:
+            self.throttle.start()
         for image in (self.big, self.other, self.small):
             self.upstream.push(image)
         for node in self.nodes.values():
@@ -389,6 +413,7 @@ class MirrorCluster:
             if result.returncode != 0:
                 raise RuntimeError(f"spegel-tx configuration failed: {result.stderr}")
             node.write_config(self.bootstrap_peers(node), [self.upstream_url])
+            node.keys.update(self.node_keys)
             node.start()
         for node in self.nodes.values():
             node.wait_ready()
@@ -415,6 +440,8 @@ class MirrorCluster:
         with ExitStack() as stack:
             # Every process is stopped even if one of the stops raises.
             stack.callback(self.upstream.stop)
+            if self.throttle is not None:
+                stack.callback(self.throttle.stop)
             for node in self.nodes.values():
                 stack.callback(node.containerd.stop)
             for node in self.nodes.values():
@@ -429,7 +456,7 @@ class MirrorCluster:
         return f"{node.url}/v2/{image.repository}/manifests/{reference}?ns={self._ns()}"
 
     def _ns(self) -> str:
-        return urllib.parse.quote(self.upstream.address, safe="")
+        return urllib.parse.quote(self.registry_address, safe="")
 
     def ensure_holds(self, node: SpegelNode, image: SyntheticImage) -> None:
         """Make ``node`` hold ``image`` by whatever path works (its mirror or the upstream)."""
@@ -497,8 +524,9 @@ def wait_until_listed(
 
 
 @contextmanager
-def running_cluster(base: Path) -> Iterator[MirrorCluster]:
-    cluster = MirrorCluster(base)
+def running_cluster(base: Path, **options: Any) -> Iterator[MirrorCluster]:
+    """A started ``MirrorCluster(base, **options)``, stopped however the block ends."""
+    cluster = MirrorCluster(base, **options)
     try:
         cluster.start()
         yield cluster

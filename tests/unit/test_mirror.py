@@ -28,6 +28,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
 from spegel_tx.basicauth import AuthorizedClient, BasicAuth
+from spegel_tx.content import in_flight_key
 from spegel_tx.interfaces import ILookup
 from spegel_tx.registry.app import Registry
 from spegel_tx.registry.mirror import Mirror, MirrorSettings
@@ -149,7 +150,7 @@ class Node:
         router = table.router("10.0.0.1", 5000)
         self.mirror = Mirror(self.clock, router, peers, MirrorSettings(**settings))
         registry = Registry(
-            MemoryReactor(), store or MemoryStore(), mirror=self.mirror, **(registry or {})
+            self.clock, store or MemoryStore(), mirror=self.mirror, **(registry or {})
         )
         self.client = StubTreq(registry.resource())
 
@@ -1030,3 +1031,86 @@ def test_a_peer_that_refuses_the_credentials_is_passed_over_to_a_404(peers: Peer
 
     assert response.code == 404
     assert error_codes(body) == ["BLOB_UNKNOWN"], "containerd goes to the registry"
+
+
+# The first wave: peers still downloading a blob
+
+
+def test_a_complete_copy_is_asked_before_a_peer_still_downloading_it(peers: Peers) -> None:
+    peers.add("10.0.0.2:5000", peer_registry(LAYER))
+    peers.add("10.0.0.3:5000", peer_registry(LAYER))
+    node = Node(
+        peers,
+        {in_flight_key(LAYER_DIGEST): ["10.0.0.3:5000"], LAYER_DIGEST: ["10.0.0.2:5000"]},
+    )
+
+    response, body = node.body(node.get(BLOB_PATH))
+
+    assert (response.code, body) == (200, LAYER)
+    assert peers.asked() == ["10.0.0.2:5000"]
+
+
+def test_a_peer_still_downloading_is_asked_when_nobody_holds_the_blob(peers: Peers) -> None:
+    peers.add("10.0.0.3:5000", peer_registry(LAYER))
+    node = Node(peers, {in_flight_key(LAYER_DIGEST): ["10.0.0.3:5000"]})
+
+    response, body = node.body(node.get(BLOB_PATH))
+
+    assert (response.code, body) == (200, LAYER)
+    assert peers.asked() == ["10.0.0.3:5000"]
+
+
+def test_without_in_flight_sharing_downloads_are_not_looked_up(peers: Peers) -> None:
+    peers.add("10.0.0.3:5000", peer_registry(LAYER))
+    node = Node(peers, {in_flight_key(LAYER_DIGEST): ["10.0.0.3:5000"]}, follow_downloads=False)
+
+    response, _ = node.body(node.get(BLOB_PATH))
+
+    assert response.code == 404
+    assert peers.asked() == []
+
+
+def test_manifests_are_not_looked_up_among_downloads(peers: Peers) -> None:
+    peers.add("10.0.0.3:5000", peer_registry(MANIFEST))
+    node = Node(peers, {in_flight_key(MANIFEST_DIGEST): ["10.0.0.3:5000"]})
+
+    response, _ = node.body(node.get(f"/v2/library/demo/manifests/{MANIFEST_DIGEST}?ns={NS}"))
+
+    assert response.code == 404
+
+
+def test_a_body_whose_providers_all_say_404_ends_at_once_for_the_client_to_go_on(
+    peers: Peers,
+) -> None:
+    """A download that stopped: its peer answers the resume with 404 (it no longer offers
+    it). Waiting cannot help, so the client is let go after that one round of asking,
+    not after resume_timeout."""
+    source = Scripted(cut=1000)
+    peers.add("10.0.0.2:5000", source)
+    node = Node(peers, {LAYER_DIGEST: ["10.0.0.2:5000"]}, resume_timeout=10.0)
+    response = result_of(node.get(BLOB_PATH))
+    broken = peers.stubs["10.0.0.2:5000"]
+    peers.add("10.0.0.2:5000", peer_registry())  # alive, without the blob
+    content = treq.content(response)
+    broken.flush()
+    node.advance(0.1)  # the first pause before providers are asked again
+
+    assert isinstance(result_of(content), Failure)
+    assert node.mirror.counters["peer_not_found"] == 1
+
+
+def test_a_peer_that_sent_a_bad_copy_is_not_asked_for_that_digest_again(peers: Peers) -> None:
+    liar = Scripted(data=b"x" * len(LAYER))
+    peers.add("10.0.0.2:5000", liar)
+    node = Node(peers, {LAYER_DIGEST: ["10.0.0.2:5000"]})
+    assert isinstance(node.download(BLOB_PATH), Failure)
+
+    answer = node.get(BLOB_PATH)
+    node.advance(0.1)  # the lookup's idle wait: nobody else holds it
+    response, _ = node.body(answer)
+
+    assert response.code == 404, "its only provider has a bad copy: the registry decides"
+    assert len(liar.requests) == 1
+    assert node.mirror.counters["bad_copy_skipped"] == 1
+    node.clock.advance(600)
+    assert node.download(BLOB_PATH) != LAYER and len(liar.requests) == 2, "after 10 minutes"
