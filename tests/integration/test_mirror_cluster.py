@@ -323,8 +323,9 @@ def test_5_a_killed_provider_costs_b_no_timeout_per_blob(mirror_cluster: MirrorC
     a, b, c, big = cluster.a, cluster.b, cluster.c, cluster.big
     if cluster.upstream.process is None:
         cluster.upstream.start()
-    start_holding(cluster, c, big)
+    # A first: every node keeps records in the order they came, and B tries them so.
     start_holding(cluster, a, big)
+    start_holding(cluster, c, big)
     wait_until_listed(b, keys_of(big), [a, c])
     start_without(b, big)
     wait_until_forwarding_to(cluster, b, a, big)
