@@ -120,10 +120,10 @@ class _Listener(Service):
 class TCPListener(_Listener):
     def __init__(self, reactor: Any, address: Address, factory: IProtocolFactory) -> None:
         super().__init__(reactor, address)
-        self._factory = factory
+        self.factory = factory
 
     def _listen(self) -> IListeningPort:
-        return listen_tcp(self._reactor, self.address, self._factory)
+        return listen_tcp(self._reactor, self.address, self.factory)
 
 
 class UDPListener(_Listener):

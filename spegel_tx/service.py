@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import os
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -18,7 +20,7 @@ from twisted.web.server import Site
 
 from spegel_tx import __version__
 from spegel_tx.basicauth import AuthorizedClient, BasicAuth
-from spegel_tx.config import Address, Config, environment_name
+from spegel_tx.config import Address, Config, environment_name, parse_address
 from spegel_tx.containerd.store import ContainerdStore
 from spegel_tx.content import FirstWave
 from spegel_tx.debug import DebugPages
@@ -119,9 +121,17 @@ class Node(GracefulNode):
         _log.info(STARTED, **node_facts(self._config))
 
 
-def dns_resolver(reactor: Any) -> IResolver:
+DNS_SERVER_ENV = "SPEGEL_TX_DNS_SERVER"
+"""``host:port`` of the one DNS server to ask instead of resolv.conf's: the DNS bootstrap
+test runs its own server on a free port, which resolv.conf cannot name."""
+
+
+def dns_resolver(reactor: Any, environ: Mapping[str, str] = os.environ) -> IResolver:
     """What ``createResolver`` builds (hosts file, cache, resolv.conf's servers), on
     ``reactor``: ``createResolver`` would schedule its work on the global one."""
+    if environ.get(DNS_SERVER_ENV):
+        server = parse_address(environ[DNS_SERVER_ENV])
+        return dns_client.Resolver(servers=[(server.host, server.port)], reactor=reactor)
     return ResolverChain(
         [
             HostsResolver(b"/etc/hosts"),

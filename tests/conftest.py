@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -11,6 +13,8 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from zope.interface import provider
 
 from tests.support.cluster import MirrorCluster, running_cluster
 from tests.support.containerd import Containerd, running_containerd
@@ -19,13 +23,19 @@ from tests.support.ociimage import SyntheticImage, build_image
 from tests.support.processes import start_spegel, stop_process, wait_for_http
 from tests.support.registry import DockerRegistry
 
-# Hypothesis's timing checks measure the machine, not the code: with another copy of the
-# suite busy on the same cores, generating examples is "too slow" and examples overrun
-# their deadline. Both are off; every example still asserts all it asserts.
+# Hypothesis's deadline is per example: 2 s holds for the hot-path properties (codec,
+# ranges, references) on 2 slow cores with another copy of the suite running, and still
+# fails an example that went quadratic. Generating examples is the machine's speed, not
+# the code's, so the too_slow health check stays off.
 settings.register_profile(
-    "shared-machine", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    "shared-machine", deadline=2000, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile("shared-machine")
+
+REQUIRE_REAL = "SPEGEL_TX_REQUIRE_REAL"
+"""Set to 1 (tests/run.sh does, and so .ci/run), a skipped test fails the run: the tests
+against real containerd, ctr, skopeo and docker-registry are the only proof against real
+components, and a run where they skipped proves nothing about them."""
 
 
 def require(*tools: str) -> None:
@@ -34,6 +44,65 @@ def require(*tools: str) -> None:
         pytest.skip(
             f"needs {', '.join(missing)} (apt-get install containerd skopeo docker-registry)"
         )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Under SPEGEL_TX_REQUIRE_REAL=1, a skip is a failure that says what was missing."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail") and _real_required():
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"{REQUIRE_REAL}=1, and this test skipped: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    """The same for a module that skips whole (``pytest.importorskip`` at its top)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and _real_required():
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"{REQUIRE_REAL}=1, and this module skipped: {reason}"
+
+
+def _real_required() -> bool:
+    return os.environ.get(REQUIRE_REAL, "") not in ("", "0")
+
+
+_UNHANDLED = "Unhandled error in Deferred:"
+
+
+@pytest.fixture(autouse=True)
+def no_unhandled_deferred_errors() -> Iterator[None]:
+    """A Deferred garbage-collected with a failure nobody handled fails the test that
+    left it: Twisted only logs it, so the error would otherwise pass unseen."""
+    unhandled: list[str] = []
+    following = False
+
+    @provider(ILogObserver)
+    def observe(event: LogEvent) -> None:
+        nonlocal following
+        if event.get("log_format") == _UNHANDLED:
+            following = True
+            unhandled.append(_UNHANDLED)
+        elif following and "log_failure" in event:
+            following = False
+            unhandled.append(event["log_failure"].getTraceback())
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield
+        gc.collect()
+        # What outlived the test is frozen out of later collections: each test's
+        # collection then walks only what was made since, not the whole session's heap.
+        gc.freeze()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    if unhandled:
+        pytest.fail("\n".join(unhandled), pytrace=False)
 
 
 @pytest.fixture(scope="session")

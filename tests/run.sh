@@ -7,7 +7,9 @@
 # (tests/image) mmdebstrap, umoci, runc and git; with pip, the project
 # and its test extras into a virtualenv, $SPEGEL_TX_TEST_VENV (default .venv in the
 # checkout), again whenever the checkout's code has changed. Then it runs
-# `python -m pytest` from the checkout with that virtualenv first on PATH.
+# `python -m pytest` from the checkout with that virtualenv first on PATH, with
+# SPEGEL_TX_REQUIRE_REAL=1 (unless set otherwise): everything is installed, so a test
+# that skips for want of a real component fails the run instead.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -23,4 +25,5 @@ install_project "$VENV" "[test]"
 
 cd "$ROOT"
 export PATH="$VENV/bin:$PATH"
+export SPEGEL_TX_REQUIRE_REAL=${SPEGEL_TX_REQUIRE_REAL:-1}
 exec env -u PYTHONPATH "$VENV/bin/python" -m pytest "$@"

@@ -48,11 +48,21 @@ class Liar:
 
 @contextmanager
 def hostile_peer(cluster: MirrorCluster, mode: str, keys: list[str], *extra: str) -> Iterator[Liar]:
+    with liar_joining(cluster.a.router_address, cluster.base, mode, keys, *extra) as liar:
+        yield liar
+
+
+@contextmanager
+def liar_joining(
+    bootstrap: str, base: Path, mode: str, keys: list[str], *extra: str
+) -> Iterator[Liar]:
+    """The hostile peer, joined to the DHT through the router at ``bootstrap``, once it
+    has advertised ``keys``; its log goes under ``base``."""
     host = loopback_host()  # its own address: a node keeps one record per key and address
     router_port, registry_port = free_ports(host, 2)
-    log_path = cluster.base / f"hostile-{mode}-{registry_port}.log"
+    log_path = base / f"hostile-{mode}-{registry_port}.log"
     args = [sys.executable, "-m", "tests.support.hostile_peer", "--mode", mode]
-    args += ["--bootstrap", cluster.a.router_address, "--host", host]
+    args += ["--bootstrap", bootstrap, "--host", host]
     args += ["--router-port", str(router_port), "--registry-port", str(registry_port)]
     for key in keys:
         args += ["--key", key]

@@ -2,7 +2,12 @@
 keys it is given, and answers them from its own HTTP server in one of these ways:
 
 - ``partial``: 206 with a made-up ``Content-Range`` to a GET that had no ``Range``;
-- ``trickle``: the declared length, then one byte every 4 s;
+- ``trickle``: the declared length, then one byte every 4 s (of ``--blob-file`` if
+  given, so that what it did send is right);
+- ``wrong``: for a blob, its real size (``--blob-size``) and as many random bytes;
+- ``stall``: for a blob, the real ``--blob-file``'s length and first half, then silence
+  with the connection open;
+- ``late``: nothing for 5 s, then 404;
 - ``huge``: ``Content-Length: 1000000000000`` and bytes that never end;
 - ``tag``: for a tag, the digest and manifest given with ``--tag-digest`` and
   ``--tag-file``; for everything else, 404;
@@ -39,12 +44,15 @@ reactor: Any = _reactor
 class Liar(Resource):
     isLeaf = True
 
-    def __init__(self, mode: str, tag_digest: str, tag_body: bytes, blob_size: int) -> None:
+    def __init__(
+        self, mode: str, tag_digest: str, tag_body: bytes, blob_size: int, blob: bytes = b""
+    ) -> None:
         super().__init__()
         self.mode = mode
         self.tag_digest = tag_digest
         self.tag_body = tag_body
         self.blob_size = blob_size
+        self.blob = blob
 
     def render(self, request: Any) -> Any:
         print(f"{request.method.decode()} {request.uri.decode()}", flush=True)
@@ -64,6 +72,17 @@ class Liar(Resource):
                 return self.tag_body
             request.setHeader(b"content-length", b"%d" % (self.blob_size + (1 << 20)))
             return os.urandom(self.blob_size + (1 << 20))
+        if self.mode == "wrong":
+            request.setHeader(b"content-length", b"%d" % self.blob_size)
+            return os.urandom(self.blob_size)
+        if self.mode == "stall":
+            request.setHeader(b"content-length", b"%d" % len(self.blob))
+            request.write(self.blob[: len(self.blob) // 2])
+            return NOT_DONE_YET
+        if self.mode == "late":
+            answer = reactor.callLater(5.0, self._not_found, request)
+            request.notifyFinish().addErrback(lambda _: answer.cancel())
+            return NOT_DONE_YET
         if self.mode == "partial":
             request.setResponseCode(206)
             request.setHeader(b"content-range", b"bytes 0-65535/65536")
@@ -75,17 +94,24 @@ class Liar(Resource):
             loop.start(0.01)
             request.notifyFinish().addBoth(lambda _: loop.stop())
             return NOT_DONE_YET
-        request.setHeader(b"content-length", b"100000000")
-        loop = LoopingCall(request.write, b"x")
+        body = iter(self.blob) if self.blob else iter(lambda: ord("x"), None)
+        request.setHeader(b"content-length", b"%d" % (len(self.blob) or 100000000))
+        loop = LoopingCall(lambda: request.write(bytes([next(body)])))
         loop.start(4.0)
         request.notifyFinish().addBoth(lambda _: loop.stop())
         return NOT_DONE_YET
+
+    def _not_found(self, request: Any) -> None:
+        request.setResponseCode(404)
+        request.finish()
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
-        "--mode", choices=["partial", "trickle", "huge", "tag", "long"], required=True
+        "--mode",
+        choices=["partial", "trickle", "huge", "tag", "long", "wrong", "stall", "late"],
+        required=True,
     )
     parser.add_argument("--bootstrap", required=True)
     parser.add_argument("--host", required=True)
@@ -95,11 +121,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--tag-digest", default="")
     parser.add_argument("--tag-file", default="")
     parser.add_argument("--blob-size", type=int, default=0)
+    parser.add_argument("--blob-file", default="")
     args = parser.parse_args(argv)
     tag_body = open(args.tag_file, "rb").read() if args.tag_file else b""  # noqa: SIM115
+    blob = open(args.blob_file, "rb").read() if args.blob_file else b""  # noqa: SIM115
     reactor.listenTCP(
         args.registry_port,
-        Site(Liar(args.mode, args.tag_digest, tag_body, args.blob_size)),
+        Site(Liar(args.mode, args.tag_digest, tag_body, args.blob_size, blob)),
         interface=args.host,
     )
     protocol = KademliaProtocol(reactor, random_node_id(), registry_port=args.registry_port)

@@ -109,6 +109,7 @@ class FakeClient:
         self.reads: list[tuple[str, int]] = []
         self.chunks_sent = 0
         self.subscriptions: list[FakeStream] = []
+        self.streams: list[FakeStream] = []
         self.next_events: list[list[Any]] = []
         self.content_root = ""
         self.closed = False
@@ -165,8 +166,11 @@ class FakeClient:
         self._check("read_content")
         self.reads.append((digest, offset))
         if digest not in self.blobs:
-            return FakeStream([], NotFound(digest))
-        return FakeStream(self._chunks(self.blobs[digest][offset:]))
+            stream = FakeStream([], NotFound(digest))
+        else:
+            stream = FakeStream(self._chunks(self.blobs[digest][offset:]))
+        self.streams.append(stream)
+        return stream
 
     def _chunks(self, data: bytes) -> Iterator[bytes]:
         for i in range(0, len(data), self.chunk):
@@ -497,8 +501,10 @@ def test_stream_blob_reopens_at_the_asked_offset(
     assert result_of(blob.read(0, 3)) == data[0:3]
     assert result_of(blob.read(5, 3)) == data[5:7], "within the buffered chunk"
     assert result_of(blob.read(50, 4)) == data[50:54]
-    first_stream_cancelled = client.reads == [(digest, 0), (digest, 50)]
-    assert first_stream_cancelled
+    assert client.reads == [(digest, 0), (digest, 50)]
+    assert [stream.cancelled for stream in client.streams] == [True, False], (
+        "the stream at 0 is cancelled when the read jumps to 50, not left open"
+    )
     assert result_of(blob.read(54, 100)) == data[54:57]
     assert result_of(blob.read(10, 2)) == data[10:12]
     assert client.reads[-1] == (digest, 10)

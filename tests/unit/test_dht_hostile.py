@@ -14,6 +14,7 @@ import random
 import pytest
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
+from twisted.python.failure import Failure
 
 from spegel_tx.routing.kademlia.codec import decode, encode
 from spegel_tx.routing.kademlia.limits import Limits
@@ -29,7 +30,11 @@ from spegel_tx.routing.kademlia.messages import (
     Ping,
 )
 from spegel_tx.routing.kademlia.node import key_id, random_node_id
-from spegel_tx.routing.kademlia.protocol import KademliaProtocol, RequestUnsendable
+from spegel_tx.routing.kademlia.protocol import (
+    KademliaProtocol,
+    RequestTimeout,
+    RequestUnsendable,
+)
 from spegel_tx.routing.kademlia.router import KademliaRouter
 from spegel_tx.testing import FixedBootstrapper, MemoryUDPNetwork, SimulatedCluster, simulated_host
 from tests.support.hostile import Stranger, StrangerProtocol, ids_near, request
@@ -300,9 +305,12 @@ def test_a_signed_ping_relayed_through_a_stranger_admits_nobody_at_its_address()
     forward[(simulated_host(0), PORT)] = (simulated_host(2), PORT)
     relay.datagramReceived = lambda data, addr: relay.send(data, forward[addr])  # type: ignore[method-assign]
     cluster.network.attach(relay, STRANGER, PORT)
-    c.protocol.ping(Contact(a.protocol.node_id, STRANGER, PORT))
+    pinged = c.protocol.ping(Contact(a.protocol.node_id, STRANGER, PORT))
+    failures: list[Failure] = []
+    pinged.addErrback(failures.append)
     cluster.run(2)
     assert dropped(a, "wrong_source") == 1, "A refuses C's ping coming from the stranger"
+    assert [failure.type for failure in failures] == [RequestTimeout], "so nobody answers it"
     assert c.protocol.table.get(a.protocol.node_id) == Contact(
         a.protocol.node_id, simulated_host(0), PORT
     )

@@ -410,9 +410,11 @@ def test_every_request_logs_one_event_even_when_cut_off(store, image):
     finally:
         globalLogPublisher.removeObserver(observe)
     summary = [(e["status"], e["handler"], e["bytes"], e["completed"]) for e in events]
+    _, _, invalid = raw_exchange(store, b"GET /v2/a/blobs/sha256:zz HTTP/1.1\r\nHost: n\r\n\r\n")
+    assert errors(invalid) == ["DIGEST_INVALID"]
     assert summary == [
         (200, "local", len(image.layers[0]), True),
-        (400, "-", summary[1][2], True),
+        (400, "-", len(invalid), True),
         (200, "local", 100, False),
     ]
     assert events[0]["method"] == "GET"

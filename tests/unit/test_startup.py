@@ -336,6 +336,17 @@ def test_dns_bootstrap_resolves_on_the_node_reactor() -> None:
     assert reactor.getDelayedCalls(), "the resolver re-reads resolv.conf on the node's clock"
 
 
+def test_dns_bootstrap_asks_the_server_the_environment_names() -> None:
+    """SPEGEL_TX_DNS_SERVER, for tests that run their own DNS server on a free port."""
+    from twisted.names.client import Resolver
+
+    from spegel_tx.service import dns_resolver
+
+    resolver = dns_resolver(NodeReactor(), {"SPEGEL_TX_DNS_SERVER": "127.0.0.9:5353"})
+    assert isinstance(resolver, Resolver)
+    assert resolver.servers == [("127.0.0.9", 5353)]
+
+
 def test_a_port_in_use_ends_the_start_with_one_line() -> None:
     node = build(NodeReactor(busy_port=9090))
     with pytest.raises(SystemExit) as caught:
