@@ -98,10 +98,13 @@ class IDownloads(Interface):
         """Deferred ``IBlob`` whose reads wait for bytes still to come; fails with
         ``NotFound`` unless ``digest`` is being downloaded and still growing."""
 
-    def watch_downloads(changed: Callable[[], None]) -> bool:
+    watching = Attribute(
+        "Whether downloads are watched now; while not, blobs are advertised with their image."
+    )
+
+    def watch_downloads(changed: Callable[[], None]) -> None:
         """Call ``changed()`` whenever a download may have started or ended, or a blob
-        been committed; False when nothing can tell, and blobs are advertised with
-        their image only."""
+        been committed, from when the store can watch them."""
 
 
 class IRouter(Interface):

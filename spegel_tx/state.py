@@ -99,13 +99,12 @@ class StateTracker(Service):
         holds it (or CONFIRM_FOR has passed)."""
         self._on_disk: set[str] | None = None
         """The blob files the last look found; None before the first."""
-        self.watching_downloads = False
 
     def startService(self) -> None:
         Service.startService(self)
         self._unsubscribe = self._store.subscribe(self._changed)
         if self._downloads is not None:
-            self.watching_downloads = self._downloads.watch_downloads(self._download_changed)
+            self._downloads.watch_downloads(self._download_changed)
         self._loop = LoopingCall(self.resync_all)
         self._loop.clock = self._clock
         self._loop.start(self._resync_interval, now=True)
@@ -187,6 +186,10 @@ class StateTracker(Service):
         self._walked = walked
         self.images = images
         return keys
+
+    @property
+    def watching_downloads(self) -> bool:
+        return self._downloads is not None and bool(self._downloads.watching)
 
     def first_wave_counts(self) -> dict[str, int]:
         """Blobs advertised before their image, for metrics: downloads and committed."""

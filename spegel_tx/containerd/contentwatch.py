@@ -10,18 +10,42 @@ missed one only time until the next rescan.
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
-from twisted.internet import inotify
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
 log = Logger()
 
 _DIRECTORIES = (("ingest",), ("blobs",), ("blobs", "sha256"))
-_MASK = inotify.IN_CREATE | inotify.IN_DELETE | inotify.IN_MOVED_TO | inotify.IN_MOVED_FROM
+
+
+def _load_inotify() -> ModuleType:
+    """Twisted's inotify module, which finds libc with ``ctypes.util.find_library``: that
+    needs ldconfig or a compiler, and a minimal image (ours) has neither. glibc's soname
+    is fixed, so the search is told it when it finds nothing, for this import only."""
+    find_library = ctypes.util.find_library
+
+    def find(name: str) -> str | None:
+        return find_library(name) or ("libc.so.6" if name == "c" else None)
+
+    ctypes.util.find_library = find
+    try:
+        from twisted.internet import inotify
+    finally:
+        ctypes.util.find_library = find_library
+    return inotify
+
+
+inotify: ModuleType | None
+try:
+    inotify = _load_inotify()
+except (ImportError, OSError) as e:
+    inotify, _MISSING = None, str(e)
 
 
 class ContentWatcher:
@@ -33,7 +57,7 @@ class ContentWatcher:
         self._reactor = reactor
         self._content_path = content_path
         self._changed = changed
-        self._notifier: inotify.INotify | None = None
+        self._notifier: Any = None
         self._watched: set[str] = set()
 
     @property
@@ -45,6 +69,8 @@ class ContentWatcher:
         fresh containerd makes ``ingest/`` and ``blobs/sha256/`` at its first download);
         False, and a log line saying why, when that cannot be."""
         try:
+            if inotify is None:
+                raise ImportError(_MISSING)
             notifier = inotify.INotify(self._reactor)
             notifier.startReading()
         except Exception as e:
@@ -70,8 +96,9 @@ class ContentWatcher:
         return True
 
     def _watch(self, path: str) -> None:
-        assert self._notifier is not None
-        self._notifier.watch(FilePath(path), mask=_MASK, callbacks=[self._event])
+        assert self._notifier is not None and inotify is not None
+        mask = inotify.IN_CREATE | inotify.IN_DELETE | inotify.IN_MOVED_TO | inotify.IN_MOVED_FROM
+        self._notifier.watch(FilePath(path), mask=mask, callbacks=[self._event])
         self._watched.add(path)
 
     def _watch_new_directories(self) -> None:
@@ -95,6 +122,7 @@ class ContentWatcher:
     def _event(self, _watch: Any, _path: FilePath[Any], mask: int) -> None:
         if self._notifier is None:
             return
+        assert inotify is not None
         if mask & inotify.IN_ISDIR and mask & (inotify.IN_CREATE | inotify.IN_MOVED_TO):
             self._watch_new_directories()
         self._changed()

@@ -570,16 +570,19 @@ class ContainerdStore(Service):
         fd, total = opened
         return GrowingBlob(self._reactor, fd, total, self.stall_timeout)
 
-    def watch_downloads(self, changed: Callable[[], None]) -> bool:
+    def watch_downloads(self, changed: Callable[[], None]) -> None:
         self._download_listeners.append(changed)
         self._watch_content()
+
+    @property
+    def watching(self) -> bool:
         return self._content_watcher is not None
 
     def _watch_content(self) -> None:
-        """Start inotify once containerd's content directory is known and seen."""
+        """Start inotify once containerd answers and its content directory is known."""
         if self._content_watcher is not None or not self._download_listeners:
             return
-        if not self.content_path or not self.running:
+        if not self.content_path or not self.running or not self._ready:
             return
         watcher = ContentWatcher(self._reactor, self.content_path, self._downloads_changed)
         if watcher.start():

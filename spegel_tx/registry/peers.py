@@ -265,6 +265,9 @@ class Providers:
             self._exhausted = True
         elif self._health.has_bad_copy(peer, self._key):
             self._counters["bad_copy_skipped"] += 1
+            self._asking = True
+            self._lookup.next_provider().addCallback(self._on_found)
+            return
         elif peer not in self._found:
             seconds = self._clock.seconds() - self._started
             self._health.resolved(seconds)

@@ -62,9 +62,10 @@ class DownloadingStore(MemoryStore):
     def open_download(self, digest: str) -> Deferred[IBlob]:
         raise NotFound(digest)
 
-    def watch_downloads(self, changed: Callable[[], None]) -> bool:
+    watching = True
+
+    def watch_downloads(self, changed: Callable[[], None]) -> None:
         self.listeners.append(changed)
-        return True
 
 
 class Node:

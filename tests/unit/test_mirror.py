@@ -1114,3 +1114,14 @@ def test_a_peer_that_sent_a_bad_copy_is_not_asked_for_that_digest_again(peers: P
     assert node.mirror.counters["bad_copy_skipped"] == 1
     node.clock.advance(600)
     assert node.download(BLOB_PATH) != LAYER and len(liar.requests) == 2, "after 10 minutes"
+
+
+def test_a_bad_copy_is_passed_over_for_the_next_provider(peers: Peers) -> None:
+    liar = Scripted(data=b"x" * len(LAYER))
+    peers.add("10.0.0.2:5000", liar)
+    peers.add("10.0.0.3:5000", peer_registry(LAYER))
+    node = Node(peers, {LAYER_DIGEST: ["10.0.0.2:5000", "10.0.0.3:5000"]})
+    assert isinstance(node.download(BLOB_PATH), Failure), "the liar is asked first"
+
+    assert node.download(BLOB_PATH) == LAYER
+    assert len(liar.requests) == 1
