@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -34,7 +35,7 @@ from spegel_tx.containerd.store import (
 )
 from spegel_tx.content import Image, ImageEvent, ImageEventKind
 from spegel_tx.errors import InvalidDigest, NotFound, Unavailable
-from spegel_tx.interfaces import IBlob, IContentStore
+from spegel_tx.interfaces import IBlob, IContentStore, IDownloads
 from spegel_tx.oci.manifest import OCI_INDEX, OCI_MANIFEST
 
 
@@ -264,6 +265,7 @@ def store(client: FakeClient):
 
 def test_provides_the_interfaces(store: ContainerdStore) -> None:
     assert verifyObject(IContentStore, store)
+    assert verifyObject(IDownloads, store)
     assert verifyObject(IService, store)
 
 
@@ -624,3 +626,76 @@ def test_envelopes_decode_to_image_events() -> None:
     assert to_image_event("/content/delete", deleted) is None
     unknown = events_pb2.Envelope(topic="/tasks/exit", event=any_pb2.Any(type_url="x.Y"))
     assert decode_envelope(unknown) == ("/tasks/exit", "", None)
+
+
+# Downloads in progress (IDownloads)
+
+
+def write_download(
+    root: Any, digest: str, data: bytes, total: int, namespace: str = "k8s.io"
+) -> Any:
+    path = root / "ingest" / digest.split(":")[1][:12]
+    path.mkdir(parents=True)
+    (path / "ref").write_text(f"{namespace}/1/layer-{digest}")
+    (path / "total").write_text(str(total))
+    (path / "data").write_bytes(data)
+    return path
+
+
+def test_a_live_download_opens_as_a_blob_that_follows_it(client: FakeClient, tmp_path: Any) -> None:
+    digest = sha256(b"a layer being downloaded")
+    write_download(tmp_path, digest, b"a layer", 24)
+    other = sha256(b"another namespace's")
+    write_download(tmp_path, other, b"x", 10, namespace="moby")
+    store = make_store(client, str(tmp_path))
+    store.startService()
+
+    assert list(result_of(store.downloads())) == [digest]
+    blob = result_of(store.open_download(digest))
+    assert blob.size == 24
+    assert result_of(blob.read(0, 100)) == b"a layer"
+    blob.close()
+    with pytest.raises(NotFound):
+        result_of(store.open_download(other))
+    store.stopService()
+
+
+def test_a_stalled_download_is_not_offered(client: FakeClient, tmp_path: Any) -> None:
+    digest = sha256(b"stalled")
+    path = write_download(tmp_path, digest, b"half", 8)
+    stale = time.time() - 10
+    os.utime(path / "data", (stale, stale))
+    store = make_store(client, str(tmp_path), stall_timeout=3.0)
+    store.startService()
+
+    with pytest.raises(NotFound):
+        result_of(store.open_download(digest))
+    store.stopService()
+
+
+def test_committed_asks_containerd_which_blobs_the_namespace_holds(
+    client: FakeClient, tmp_path: Any
+) -> None:
+    held = client.add(b"committed here")
+    elsewhere = sha256(b"another namespace's blob")
+    write_blob(tmp_path, held, b"committed here")
+    write_blob(tmp_path, elsewhere, b"another namespace's blob")
+    store = make_store(client, str(tmp_path))
+    store.startService()
+
+    assert result_of(store.blob_files()) == {held, elsewhere}
+    assert result_of(store.committed([held, elsewhere])) == {held}
+    store.stopService()
+
+
+def test_without_the_content_directory_nothing_is_downloading(client: FakeClient) -> None:
+    store = make_store(client)
+    store.startService()
+
+    assert result_of(store.downloads()) == {}
+    assert result_of(store.blob_files()) == set()
+    with pytest.raises(NotFound):
+        result_of(store.open_download(sha256(b"x")))
+    store.watch_downloads(lambda: None)
+    assert not store.watching
+    store.stopService()

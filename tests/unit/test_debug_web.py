@@ -261,6 +261,30 @@ def test_the_node_page_shows_identity_peers_images_and_what_peers_served() -> No
     )
 
 
+def test_the_node_page_shows_blobs_sent_to_peers_while_downloading() -> None:
+    node = Node()
+    node.tracker.startService()
+    layer = f"/v2/library/demo/blobs/{digest_of(LAYERS[0])}".encode()
+    node.metrics.request_finished(layer, "GET", 200, 1000, 0.5, "in-flight", NS, "10.0.0.3", False)
+
+    page = json.loads(node.get("/debug/web/api/node")[1])
+
+    assert page["first_wave"] == {
+        "mode": "off",
+        "watching": False,
+        "downloads": [],
+        "committed": [],
+    }
+    [row] = page["recent_in_flight"]
+    assert (row["what"], row["peer"], row["bytes"], row["completed"]) == (
+        digest_of(LAYERS[0]),
+        "10.0.0.3",
+        1000,
+        False,
+    )
+    assert page["recent_mirrored"] == [], "sent by this node, not relayed from a peer"
+
+
 def test_the_page_and_its_files_are_served_from_the_package() -> None:
     node = Node()
     response, page = node.get("/debug/web/")
