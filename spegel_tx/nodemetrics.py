@@ -163,30 +163,32 @@ class NodeMetrics:
         peer: str,
         completed: bool,
     ) -> None:
-        """``served_by`` is the access log's ``handler``: ``local``, ``mirror`` or ``-``."""
+        """``served_by`` is the access log's ``handler``: ``local``, ``in-flight``,
+        ``mirror`` or ``-``."""
         handler = _handler(path)
         self.http_inflight.labels(handler).dec()
         self.http_duration.labels(handler, method, str(code)).observe(seconds)
         self.http_size.labels(handler, method, str(code)).observe(sent)
-        row = MirroredRequest(
-            at=self._clock.seconds(),
-            method=method,
-            path=path.decode("utf-8", "replace"),
-            status=code,
-            peer=peer,
-            bytes=sent,
-            seconds=seconds,
-            completed=completed,
-        )
         if served_by == "local":
             self.served_bytes.labels("local").inc(sent)
-        elif served_by == "in-flight":
-            self.served_bytes.labels("in_flight").inc(sent)
-            self.in_flight_responses.labels("true" if completed else "false").inc()
-            self.recent_in_flight.append(row)
-        elif served_by == "mirror":
-            self.served_bytes.labels("peer").inc(sent)
-            self.recent_mirrored.append(row)
+        elif served_by in ("in-flight", "mirror"):
+            row = MirroredRequest(
+                at=self._clock.seconds(),
+                method=method,
+                path=path.decode("utf-8", "replace"),
+                status=code,
+                peer=peer,
+                bytes=sent,
+                seconds=seconds,
+                completed=completed,
+            )
+            if served_by == "mirror":
+                self.served_bytes.labels("peer").inc(sent)
+                self.recent_mirrored.append(row)
+            else:
+                self.served_bytes.labels("in_flight").inc(sent)
+                self.in_flight_responses.labels("true" if completed else "false").inc()
+                self.recent_in_flight.append(row)
         if code == 404 and handler == "/v2/*":
             self.upstream_fallbacks.labels(self.registry_label(registry)).inc()
 

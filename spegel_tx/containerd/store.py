@@ -28,15 +28,9 @@ from zope.interface import implementer
 from spegel_tx.containerd.client import CHECK_CONTAINERD, ContainerdClient, Stream
 from spegel_tx.containerd.contentwatch import ContentWatcher
 from spegel_tx.containerd.events import EventWatcher, RunInThread, start_thread
-from spegel_tx.containerd.ingests import (
-    GrowingBlob,
-    Ingest,
-    blob_files,
-    open_data,
-    scan_ingests,
-)
+from spegel_tx.containerd.ingests import Ingest, blob_files, open_data, scan_ingests
 from spegel_tx.content import Descriptor, Image, ImageEvent
-from spegel_tx.errors import InvalidDigest, NotFound, Unavailable
+from spegel_tx.errors import InvalidDigest, NotFound, SpegelError, Unavailable
 from spegel_tx.interfaces import IBlob, IContentStore, IDownloads
 from spegel_tx.oci.digest import parse_digest
 from spegel_tx.oci.manifest import (
@@ -54,6 +48,9 @@ OCTET_STREAM = "application/octet-stream"
 CONTENT_PLUGIN_FILTER = "type==io.containerd.content.v1,id==content"
 # The most a FileBlob reads at once; bigger transfers use fileno() and sendfile.
 MAX_READ = 1024 * 1024
+FOLLOW_INTERVAL = 0.02
+"""Seconds between looks at a download's ``data`` that has no new bytes yet. containerd
+writes about 1 MiB at a time, so this adds at most 20 ms to each megabyte."""
 SNIFF_SIZE = 64
 
 
@@ -115,6 +112,80 @@ class FileBlob:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
+
+
+class IngestEnded(SpegelError):
+    """A download being followed stopped before its end: stalled, or cancelled."""
+
+
+class GrowingBlob(FileBlob):
+    """A blob containerd is still writing (see ``ingests.py``): reads wait for its bytes,
+    and fail with IngestEnded once ``data`` has not grown for ``stall_timeout`` or was
+    removed unfinished. ``fileno`` is None: sendfile would stop at the bytes written."""
+
+    def __init__(self, clock: Any, fd: int, size: int, stall_timeout: float) -> None:
+        super().__init__(fd, size)
+        self._clock = clock
+        self._stall_timeout = stall_timeout
+        self._seen = -1
+        self._grew_at = clock.seconds()
+        self._waiting: Deferred[bytes] | None = None
+        self._timer: IDelayedCall | None = None
+
+    def fileno(self) -> int | None:
+        return None
+
+    def read(self, offset: int, length: int) -> Deferred[bytes]:
+        if self._fd is None:
+            return fail(ValueError("read from a closed blob"))
+        if offset >= self.size or length <= 0:
+            return succeed(b"")
+        waiting = self._waiting = Deferred(lambda _: self._stop_waiting())
+        self._look(offset, length)
+        return waiting
+
+    def _look(self, offset: int, length: int) -> None:
+        """Fire the waiting read with the bytes at ``offset`` if written yet, or with
+        IngestEnded; otherwise look again in FOLLOW_INTERVAL."""
+        self._timer = None
+        waiting = self._waiting
+        if waiting is None or self._fd is None:
+            return
+        try:
+            stat = os.fstat(self._fd)
+            now = self._clock.seconds()
+            if stat.st_size > self._seen:
+                self._seen, self._grew_at = stat.st_size, now
+            if offset < stat.st_size:
+                data = os.pread(self._fd, min(length, stat.st_size - offset, MAX_READ), offset)
+            elif stat.st_nlink == 0:
+                raise IngestEnded(
+                    f"the download was cancelled at {stat.st_size} of {self.size} bytes"
+                )
+            elif now - self._grew_at >= self._stall_timeout:
+                raise IngestEnded(
+                    f"the download stalled at {stat.st_size} of {self.size} bytes "
+                    f"(no growth for {self._stall_timeout:g} s)"
+                )
+            else:
+                self._timer = self._clock.callLater(FOLLOW_INTERVAL, self._look, offset, length)
+                return
+        except (OSError, IngestEnded) as e:
+            self._waiting = None
+            waiting.errback(e)
+            return
+        self._waiting = None
+        waiting.callback(data)
+
+    def _stop_waiting(self) -> None:
+        self._waiting = None
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def close(self) -> None:
+        self._stop_waiting()
+        super().close()
 
 
 @implementer(IBlob)

@@ -147,7 +147,7 @@ class Mirror:
         wanted = self.settings.resolve_retries + len(self.health.quarantined_peers())
         lookup = self._router.lookup(key, wanted)
         if self.settings.follow_downloads and not manifest and key == digest:
-            lookup = PreferComplete(lookup, self._router.lookup(in_flight_key(key), wanted))
+            lookup = PreferComplete(lookup, lambda: self._router.lookup(in_flight_key(key), wanted))
         providers = Providers(
             self._clock,
             lookup,

@@ -285,28 +285,31 @@ class Providers:
 @implementer(ILookup)
 class PreferComplete:
     """The providers of a complete copy first; those of a download in progress once the
-    search for complete copies is over. Both searches run from the start, so the
-    second costs no time when the first finds nobody."""
+    search for complete copies is over. The second search starts only then: most blobs
+    are held whole somewhere, and a search that is not needed costs datagrams."""
 
-    def __init__(self, complete: ILookup, downloading: ILookup) -> None:
+    def __init__(self, complete: ILookup, downloading: Callable[[], ILookup]) -> None:
         self._complete = complete
-        self._downloading = downloading
-        self._complete_over = False
+        self._start_downloading = downloading
+        self._downloading: ILookup | None = None
 
     def next_provider(self) -> Deferred[Peer | None]:
-        if self._complete_over:
+        if self._downloading is not None:
             return self._downloading.next_provider()
         return self._complete.next_provider().addCallback(self._found)
 
     def _found(self, peer: Peer | None) -> Peer | Deferred[Peer | None] | None:
         if peer is not None:
             return peer
-        self._complete_over = True
+        if self._downloading is None:
+            self._downloading = self._start_downloading()
         return self._downloading.next_provider()
 
     def cancel(self) -> None:
         self._complete.cancel()
-        self._downloading.cancel()
+        if self._downloading is not None:
+            self._downloading.cancel()
 
     def answering(self) -> bool:
-        return bool(self._complete.answering() or self._downloading.answering())
+        current = self._complete if self._downloading is None else self._downloading
+        return bool(current.answering())

@@ -116,17 +116,7 @@ function showNode(node) {
   document.getElementById("last-success").textContent = last
     ? when(last.at, last.ago_s)
     : "never";
-  fill("mirrored", node.recent_mirrored, (r) => [
-    [when(r.at, r.ago_s)],
-    [r.method],
-    [r.what, r.what.startsWith("sha256:") ? "hash" : "text"],
-    [r.peer, "addr"],
-    [r.status, "num"],
-    [r.bytes, "size"],
-    [fixed(r.seconds, 3), "num"],
-    [speed(r.mb_per_s), "num"],
-    [r.completed ? "yes" : "no"],
-  ]);
+  fill("mirrored", node.recent_mirrored, requestRow);
 
   const wave = node.first_wave;
   document.getElementById("first-wave").textContent =
@@ -137,8 +127,14 @@ function showNode(node) {
     [d.received, "size"],
     [d.total, "size"],
   ]);
-  fill("in-flight", node.recent_in_flight, (r) => [
+  fill("in-flight", node.recent_in_flight, requestRow);
+}
+
+/** A request in a table of recent ones: the mirrored, and those sent while downloading. */
+function requestRow(r) {
+  return [
     [when(r.at, r.ago_s)],
+    [r.method],
     [r.what, r.what.startsWith("sha256:") ? "hash" : "text"],
     [r.peer, "addr"],
     [r.status, "num"],
@@ -146,7 +142,7 @@ function showNode(node) {
     [fixed(r.seconds, 3), "num"],
     [speed(r.mb_per_s), "num"],
     [r.completed ? "yes" : "no"],
-  ]);
+  ];
 }
 
 async function refresh() {

@@ -8,15 +8,8 @@ from pathlib import Path
 import pytest
 from twisted.internet.task import Clock
 
-from spegel_tx.containerd.ingests import (
-    FOLLOW_INTERVAL,
-    GrowingBlob,
-    IngestEnded,
-    blob_files,
-    ingest_digest,
-    open_data,
-    scan_ingests,
-)
+from spegel_tx.containerd.ingests import blob_files, ingest_digest, open_data, scan_ingests
+from spegel_tx.containerd.store import FOLLOW_INTERVAL, GrowingBlob, IngestEnded
 
 HEX = "ab" * 32
 DIGEST = "sha256:" + HEX
